@@ -121,7 +121,9 @@ def upsample_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     Implements Caffe's ``Interp`` layer as used in the soft mask branch: the output size is
     given by the matching down-path map, never computed from a scale factor. Separable: rows,
     then columns, each ``A @ x`` along its axis with ``A = interpolation_matrix(...)``, computed
-    as two weighted gathers; the backward pass applies ``A^T`` the same way.
+    as two weighted gathers; the backward pass applies ``A^T`` the same way. Reverse-mode
+    differentiation works to any order; forward mode (``jax.jvp``) is not available through the
+    custom VJP.
 
     Args:
       x: ``[N, H_in, W_in, C]``.
