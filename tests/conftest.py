@@ -13,9 +13,30 @@ import pytest  # noqa: E402
 
 import resattn_jax  # noqa: E402
 
+# Identical computations recompile in every fresh train_and_evaluate call: share compiled
+# executables through JAX's persistent cache for this test session.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="resattn-jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 
 def num_elements(tree) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def digits_config(workdir_steps: int = 6, **overrides):
+    """``tests/tiny_config.py`` (digits, tiny network, a few steps) with dotted-path overrides."""
+    import tiny_config
+
+    config = tiny_config.get_config(str(workdir_steps))
+    for key, value in overrides.items():
+        target = config
+        *path, leaf = key.split(".")
+        for part in path:
+            target = target[part]
+        target[leaf] = value
+    return config
 
 
 @pytest.fixture(scope="session")
@@ -23,5 +44,5 @@ def tiny():
     """The tiny network with initialised variables and a fixed batch, shared across tests."""
     model = resattn_jax.create_model("tiny")
     images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3), jnp.float32)
-    variables = model.init(jax.random.key(0), images, train=False)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
     return model, variables, images

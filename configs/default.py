@@ -1,0 +1,47 @@
+"""Base configuration: the paper's CIFAR-10 recipe for Attention-56 (paper-facts §4).
+
+Every experiment config derives from this one; any field can be overridden on the command line,
+e.g. ``--config.global_batch_size=128 --config.model.remat=True``.
+"""
+
+import ml_collections
+
+from resattn_jax import data
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+
+    # Network: a zoo name plus overrides of its ResidualAttentionNet fields.
+    config.model = ml_collections.ConfigDict({"name": "cifar_attention56", "activation": "mixed",
+                                              "learning": "arl", "remat": False})
+
+    # Data through tensorflow-datasets. The validation split is held out from the training data and
+    # selects the best checkpoint; the test split is only reported.
+    config.data = data.data_preset("cifar10")  # train[5000:] / train[:5000] / test, pad-4 crop + flip
+
+    # Optimisation: SGD, Nesterov momentum 0.9, L2 1e-4 on kernels, batch 64,
+    # lr 0.1 divided by 10 at 64k and 96k iterations, 160k iterations.
+    config.global_batch_size = 64
+    config.eval_batch_size = 256
+    config.num_train_steps = 160_000
+    config.optimizer = ml_collections.ConfigDict({
+        "learning_rate": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
+        "boundaries": (64_000, 96_000), "decay_factor": 0.1,
+        "warmup_steps": 0,
+        "base_batch_size": 0,  # >0: scale the learning rate by global_batch_size / base_batch_size
+    })
+
+    # System.
+    config.seed = 0
+    config.parallel = "jit"     # 'jit' (sharded global step) or 'pmap' (per-device step, BN synced)
+    config.dtype = "float32"    # compute dtype; 'bfloat16' keeps float32 parameters
+    config.nan_policy = "stop"  # 'stop' at a non-finite loss/gradient, or 'skip' the update and count it
+
+    # Logging, evaluation, checkpoints (in iterations).
+    config.log_every_steps = 100
+    config.eval_every_steps = 2_000
+    config.checkpoint_every_steps = 2_000
+    config.keep_checkpoints = 3  # the latest few, plus the best by validation accuracy
+    config.progress_bar = True
+    return config

@@ -1,0 +1,84 @@
+"""Metric sinks: a JSON-lines log and TensorBoard event files in the workdir, a console progress bar.
+
+Only process 0 writes (``active=False`` elsewhere). Event files are written with ``tensorboardX``
+(a small writer-only package: no TensorFlow or TensorBoard needed to write them; view them with
+``tensorboard --logdir WORKDIR/tensorboard``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping
+
+from tensorboardX import SummaryWriter
+
+__all__ = ["MetricWriter", "Progress"]
+
+
+class MetricWriter:
+    """Writes ``{'step': s, **scalars}`` to ``metrics.jsonl`` and to TensorBoard under ``tensorboard/``."""
+
+    def __init__(self, workdir: str, active: bool = True):
+        self.active = active
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not active:
+            return
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in scalars.items()}
+        self._file.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+        self._file.flush()
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, float(v), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._file.close()
+            self._tb.close()
+
+
+class Progress:
+    """A one-line console progress bar with rate and ETA (to stderr), updated at log points."""
+
+    def __init__(self, total: int, start: int = 0, active: bool = True, stream=sys.stderr):
+        self.total, self.start, self.active, self.stream = total, start, active, stream
+        self.t0 = time.perf_counter()
+        self.tty = getattr(stream, "isatty", lambda: False)()
+
+    def update(self, step: int, text: str = "") -> None:
+        if not self.active:
+            return
+        done = max(step - self.start, 0)
+        elapsed = time.perf_counter() - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {step}/{self.total} {rate:.2f} it/s ETA {_fmt(eta)} {text}"
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.active and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fmt(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"

@@ -1,0 +1,479 @@
+"""The training library: state, compiled steps, evaluation and the train-and-evaluate loop.
+
+``train.py`` is a thin CLI over :func:`train_and_evaluate`; everything here is importable from a
+notebook or another JAX pipeline. See ``configs/default.py`` for every config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import serialization
+from flax.training import train_state
+from jax.experimental import multihost_utils
+
+from resattn_jax import data, parallel
+from resattn_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
+from resattn_jax.metrics import MetricWriter, Progress
+from resattn_jax.optim import create_optimizer
+from resattn_jax.zoo import create_model
+
+__all__ = [
+    "CheckpointError",
+    "TrainState",
+    "NonFiniteError",
+    "Preempted",
+    "build_model",
+    "create_train_state",
+    "make_train_step",
+    "make_eval_step",
+    "evaluate",
+    "validate_config",
+    "train_and_evaluate",
+    "TrainedModel",
+    "load_trained",
+]
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NAN_POLICIES = ("stop", "skip")
+#: Exit status of ``train.py`` after a preemption (SIGTERM/SIGINT) checkpoint: 128 + SIGTERM.
+PREEMPTED_EXIT_CODE = 143
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN/inf (with ``nan_policy='stop'``)."""
+
+
+class Preempted(Exception):
+    """The run received SIGTERM/SIGINT, saved a checkpoint at a step boundary and stopped."""
+
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(f"preempted at step {step}; checkpoint {checkpoint} saved; rerun to resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class TrainState(train_state.TrainState):
+    """Flax ``TrainState`` plus BatchNorm statistics and non-finite-step bookkeeping."""
+
+    batch_stats: Any = None
+    #: Number of steps whose loss or gradients were non-finite (their update was not applied).
+    nonfinite_steps: jax.Array = None
+    #: The first such step, or -1.
+    first_nonfinite_step: jax.Array = None
+
+
+# ---------------------------------------------------------------------------------------- building
+def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+    """The network named by ``config.model.name`` with the dataset's classes and channels."""
+    overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+                 for k, v in config.model.to_dict().items() if k != "name"}
+    return create_model(config.model.name, num_classes=info.num_classes, in_channels=info.image_shape[-1],
+                        dtype=DTYPES[config.dtype],
+                        bn_axis_name=parallel.AXIS if config.parallel == "pmap" else None, **overrides)
+
+
+def create_train_state(model, optimizer: optax.GradientTransformation, image_shape: tuple[int, int, int],
+                       seed: int, mesh) -> TrainState:
+    """Initialise parameters, batch statistics and optimizer state, replicated over ``mesh``."""
+
+    def init():
+        variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
+                                 batch_stats=variables["batch_stats"], nonfinite_steps=jnp.zeros((), jnp.int32),
+                                 first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+
+
+# ---------------------------------------------------------------------------------------- steps
+def make_train_step(model, schedule: optax.Schedule,
+                    axis_name: str | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """``step(state, batch) -> (state, metrics)``: forward, backward, SGD update.
+
+    With ``axis_name`` (per-device ``shard_map`` steps) the loss, hence the gradients, and the
+    metrics are averaged over that axis; BatchNorm syncs through the model's ``bn_axis_name``. A step whose
+    loss or gradients are non-finite is *not applied* (the state is kept) and recorded in
+    ``state.nonfinite_steps`` / ``state.first_nonfinite_step``; the host loop then stops
+    (``config.nan_policy='stop'``) or carries on (``'skip'``).
+    """
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def loss_fn(params):
+            logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                             train=True, mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+            if axis_name is not None:
+                # Mean over devices. The parameters are replicated (device-invariant), so autodiff
+                # of this pmean'd loss sums the per-device gradients / n: the gradient pmean.
+                loss = jax.lax.pmean(loss, axis_name)
+            return loss, (logits, updates["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        if axis_name is not None:
+            accuracy = jax.lax.pmean(accuracy, axis_name)
+        grad_norm = optax.global_norm(grads)
+        # NaN/inf in any gradient makes the global norm non-finite; one scalar check compiles far
+        # faster on XLA:CPU than a reduction per leaf.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                                 state.replace(step=state.step + 1))
+        new_state = new_state.replace(
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                                           state.first_nonfinite_step))
+        metrics = {"loss": loss, "accuracy": accuracy, "learning_rate": schedule(state.step),
+                   "grad_norm": grad_norm}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step() -> Callable[[TrainState, dict], dict]:
+    """``eval_step(state, batch) -> sums``: masked sums of loss, top-1 and top-5 hits, and count."""
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
+                                train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        k = min(5, logits.shape[-1])
+        top_k = jax.lax.top_k(logits, k)[1]
+        hit5 = jnp.any(top_k == batch["label"][:, None], axis=-1)
+        hit1 = jnp.argmax(logits, -1) == batch["label"]
+        return {"loss": jnp.sum(loss * mask), "top1": jnp.sum(hit1 * mask), "top5": jnp.sum(hit5 * mask),
+                "count": jnp.sum(mask)}
+
+    return eval_step
+
+
+def evaluate(eval_step, state: TrainState, batches: Iterable[dict], mesh) -> dict[str, float]:
+    """Run ``eval_step`` over every batch; returns ``accuracy``, ``top5``, ``loss`` and ``count``."""
+    totals = None
+    for batch in batches:
+        sums = eval_step(state, parallel.shard_batch(batch, mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        return {"accuracy": float("nan"), "top5": float("nan"), "loss": float("nan"), "count": 0}
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"accuracy": float(totals["top1"]) / count, "top5": float(totals["top5"]) / count,
+            "loss": float(totals["loss"]) / count, "count": int(count)}
+
+
+# ---------------------------------------------------------------------------------------- validation
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> data.DatasetInfo:
+    """Check everything that can be checked before touching the workdir; raises ``ValueError``."""
+    num_devices = num_devices or jax.device_count()
+    if config.parallel not in parallel.PARALLEL_MODES:
+        raise ValueError(f"unknown parallel mode {config.parallel!r}; choose one of {parallel.PARALLEL_MODES}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {tuple(DTYPES)}")
+    if config.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"unknown nan_policy {config.nan_policy!r}; choose one of {NAN_POLICIES}")
+    for name in ("global_batch_size", "eval_batch_size"):
+        size = int(config[name])
+        if size <= 0 or size % num_devices:
+            raise ValueError(f"{name}={size} does not divide by the {num_devices} devices; "
+                             f"use a multiple of {num_devices}")
+        if size % jax.process_count():
+            raise ValueError(f"{name}={size} does not divide by the {jax.process_count()} processes")
+    for name in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        if int(config[name]) <= 0:
+            raise ValueError(f"{name} must be positive, got {config[name]}")
+    info = data.dataset_info(config.data)
+    model = build_model(config, info)  # unknown model names/options raise here
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False))
+    return info
+
+
+def _check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def _validate_once_per_job(config: ml_collections.ConfigDict) -> data.DatasetInfo:
+    """:func:`validate_config`; in a multi-process job process 0 goes first (it may prepare the
+    dataset, e.g. build the offline digits set) while the others wait at a barrier."""
+    if jax.process_count() == 1:
+        return validate_config(config)
+    if jax.process_index() == 0:
+        try:
+            return validate_config(config)
+        finally:
+            multihost_utils.sync_global_devices("resattn_jax: data prepared")
+    multihost_utils.sync_global_devices("resattn_jax: data prepared")
+    return validate_config(config)
+
+
+def _preemption_requested(step: int, signals: "_StopSignals") -> bool:
+    """Whether to checkpoint and stop after ``step``: a local SIGTERM/SIGINT, or in a multi-process
+    job the step that every process agrees on through JAX's preemption sync service (which a
+    SIGTERM to any process triggers)."""
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+        return True
+    return signals.received is not None
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag that the loop checks at step boundaries.
+
+    In a multi-process job SIGTERM is left to JAX's preemption notifier (see
+    :func:`_preemption_requested`), which makes all processes stop at the same step.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+        try:
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _prefetch_to_device(batches: Iterator[dict], mesh, size: int = 2) -> Iterator[dict]:
+    """Keep ``size`` batches in flight to the devices, so host work overlaps device compute."""
+    queue = []
+    for batch in batches:
+        queue.append(parallel.shard_batch(batch, mesh))
+        if len(queue) >= size:
+            yield queue.pop(0)
+
+
+def _state_dict(state: TrainState) -> dict:
+    return serialization.to_state_dict(state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       batch_hook: Callable[[int, dict], None] | None = None) -> dict:
+    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint) and write ``summary.json``.
+
+    Returns the summary dict. ``batch_hook(step, host_batch)``, if given, sees every training batch
+    before it is used (for tests and debugging). Raises ``ValueError`` for bad configs (before
+    anything is written), :class:`NonFiniteError` and :class:`Preempted` as documented.
+    """
+    workdir = os.path.abspath(workdir)
+    info = _validate_once_per_job(config)
+    _check_workdir(workdir)
+    is_main = jax.process_index() == 0
+    mesh = parallel.make_mesh()
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    model = build_model(config, info)
+    optimizer, schedule = create_optimizer(config.optimizer, config.global_batch_size)
+    state = create_train_state(model, optimizer, info.image_shape, config.seed, mesh)
+    axis = parallel.AXIS if config.parallel == "pmap" else None
+    train_step = parallel.compile_step(make_train_step(model, schedule, axis), config.parallel,
+                                       mesh)
+    eval_step = jax.jit(make_eval_step(), in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))
+
+    checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+    meta = {"step": 0, "best_step": None, "best_validation_accuracy": None}
+    abstract = abstract_like(_state_dict(state))
+    if checkpoints.steps():
+        restored, meta, step = checkpoints.restore(abstract)
+        state = serialization.from_state_dict(state, restored)
+        if is_main:
+            print(f"resuming from {checkpoints.path(step)}", file=sys.stderr)
+    start_step = int(meta["step"])
+    total = int(config.num_train_steps)
+
+    writer = MetricWriter(workdir, active=is_main)
+    progress = Progress(total, start_step, active=is_main and config.progress_bar)
+    batches = data.train_batches(config.data, config.global_batch_size, config.seed, start_step,
+                                 jax.process_index(), jax.process_count())
+    if batch_hook is not None:
+        batches = _hooked(batches, batch_hook, start_step)
+    device_batches = _prefetch_to_device(batches, mesh)
+
+    def run_validation(step: int) -> dict | None:
+        if not info.num_validation:
+            return None
+        result = evaluate(eval_step, state, data.eval_batches(config.data, "validation", config.eval_batch_size,
+                                                              jax.process_index(), jax.process_count()), mesh)
+        writer.write(step, {f"validation_{k}": v for k, v in result.items()})
+        return result
+
+    last_saved = start_step if checkpoints.steps() else None
+
+    def save(step: int, validation: dict | None = None) -> None:
+        nonlocal meta, last_saved
+        if step == last_saved:
+            return
+        last_saved = step
+        metrics = None
+        if validation is not None:
+            metrics = {"validation_accuracy": validation["accuracy"]}
+            if meta["best_validation_accuracy"] is None or validation["accuracy"] > meta["best_validation_accuracy"]:
+                meta = {**meta, "best_step": step, "best_validation_accuracy": validation["accuracy"]}
+        meta = {**meta, "step": step}
+        checkpoints.save(step, _state_dict(state), meta, metrics)
+
+    train_start = time.perf_counter()
+    pending: list[dict] = []
+    window_start, window_step = time.perf_counter(), start_step
+    step = start_step
+    try:
+        with _StopSignals() as signals:
+            while step < total:
+                state, metrics = train_step(state, next(device_batches))
+                step += 1
+                pending.append(metrics)
+                if step % config.log_every_steps == 0 or step == total:
+                    fetched = jax.device_get(pending)  # the only host sync of the step loop
+                    nonfinite, first_bad = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
+                    elapsed = time.perf_counter() - window_start
+                    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                    scalars["images_per_sec"] = (step - window_step) * config.global_batch_size / max(elapsed, 1e-9)
+                    scalars["nonfinite_steps"] = int(nonfinite)
+                    writer.write(step, {f"train_{k}" if k != "learning_rate" else k: v for k, v in scalars.items()})
+                    progress.update(step, f"loss {scalars['loss']:.4f} acc {scalars['accuracy']:.3f} "
+                                          f"{scalars['images_per_sec']:.0f} img/s")
+                    pending, window_start, window_step = [], time.perf_counter(), step
+                    if int(nonfinite) and config.nan_policy == "stop":
+                        checkpoints.wait()
+                        last = checkpoints.steps()
+                        where = f"; the last good checkpoint is {checkpoints.path(last[-1])}" if last else ""
+                        raise NonFiniteError(f"non-finite loss or gradient at step {int(first_bad) + 1} "
+                                             f"(update not applied){where}")
+                if step % config.eval_every_steps == 0 or step == total:
+                    save(step, run_validation(step))
+                elif step % config.checkpoint_every_steps == 0:
+                    save(step)
+                if step < total and _preemption_requested(step, signals):
+                    save(step)
+                    checkpoints.wait()
+                    raise Preempted(step, checkpoints.path(step))
+        checkpoints.wait()
+        train_seconds = time.perf_counter() - train_start
+        progress.close()
+
+        # Test: the checkpoint selected on validation accuracy (never on the test split).
+        best_step = meta["best_step"] if meta["best_step"] is not None else step
+        if best_step != step:
+            restored, _, _ = checkpoints.restore(abstract, step=best_step)
+            state = serialization.from_state_dict(state, restored)
+        test = evaluate(eval_step, state, data.eval_batches(config.data, "test", config.eval_batch_size,
+                                                            jax.process_index(), jax.process_count()), mesh)
+        writer.write(step, {f"test_{k}": v for k, v in test.items()})
+        summary = {
+            "test_accuracy": test["accuracy"], "test_top5": test["top5"], "test_loss": test["loss"],
+            "test_examples": test["count"], "best_checkpoint": checkpoints.path(best_step), "best_step": best_step,
+            "best_validation_accuracy": meta["best_validation_accuracy"], "train_seconds": train_seconds,
+            "steps": step, "resumed_from_step": start_step, "model": config.model.name,
+            "dataset": config.data.name, "num_devices": jax.device_count(), "parallel": config.parallel,
+            "dtype": config.dtype,
+        }
+        if is_main:
+            with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+    finally:
+        checkpoints.close()
+        writer.close()
+
+
+def _hooked(batches: Iterator[dict], hook, start_step: int) -> Iterator[dict]:
+    for step, batch in enumerate(batches, start=start_step):
+        hook(step, batch)
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------- reloading
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A trained network restored from a workdir: ``model.apply(variables, images, train=False)``."""
+
+    model: Any
+    variables: dict  # {'params', 'batch_stats'}
+    config: ml_collections.ConfigDict
+    info: data.DatasetInfo
+    step: int
+    checkpoint: str
+
+
+def load_trained(workdir: str, checkpoint: str | int = "best", mesh=None) -> TrainedModel:
+    """Restore the network of ``workdir`` at ``checkpoint`` (``'best'``, ``'latest'`` or a step).
+
+    The network is rebuilt from the run's ``config.json``; the state is restored replicated over
+    ``mesh`` (default: all devices), whatever device count wrote it. ``'latest'`` is the newest
+    readable checkpoint. Raises ``ValueError`` for a workdir without a run or checkpoints, or an
+    unknown checkpoint, and :class:`CheckpointError` when the checkpoint cannot be read.
+    """
+    workdir = os.path.abspath(workdir)
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{workdir} holds no training run (no config.json)")
+    with open(config_path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.parallel = "jit"  # reloading never needs the per-device form
+    no_checkpoints = ValueError(f"{workdir} has no checkpoints (train first: python train.py --workdir {workdir} ...)")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise no_checkpoints  # checked first: opening the manager would create the directory
+    checkpoints = Checkpoints(workdir, async_save=False)
+    try:
+        steps = checkpoints.steps()
+        if not steps:
+            raise no_checkpoints
+        info = data.dataset_info(config.data)
+        model = build_model(config, info)
+        mesh = mesh or parallel.make_mesh()
+        optimizer, _ = create_optimizer(config.optimizer, config.global_batch_size)
+        abstract_state = jax.eval_shape(lambda: TrainState.create(
+            apply_fn=model.apply, tx=optimizer, nonfinite_steps=jnp.zeros((), jnp.int32),
+            first_nonfinite_step=jnp.zeros((), jnp.int32),
+            **model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False)))
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
+                              _state_dict(abstract_state))
+        if checkpoint == "latest":
+            step = None  # the newest readable one, falling back past unreadable ones as a resume does
+        elif checkpoint == "best":
+            step = checkpoints.meta(steps[-1]).get("best_step") or steps[-1]
+            if step not in steps:
+                raise ValueError(f"the best checkpoint (step {step}) is no longer in {checkpoints.directory}; "
+                                 f"load 'latest' or one of the steps {steps}")
+        else:
+            try:
+                step = int(checkpoint)
+            except (TypeError, ValueError):
+                raise ValueError(f"checkpoint must be 'best', 'latest' or a step, got {checkpoint!r}") from None
+            if step not in steps:
+                raise ValueError(f"no checkpoint at step {step} in {checkpoints.directory}; steps: {steps}")
+        restored, _, step = checkpoints.restore(target, step=step)
+    finally:
+        checkpoints.close()
+    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    return TrainedModel(model, variables, config, info, step, checkpoints.path(step))

@@ -1,0 +1,70 @@
+"""One training step: 8 devices with parallel='jit', 8 devices per-device ('pmap', BN synced),
+and 1 device with the same global batch give the same parameters and batch statistics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resattn_jax
+from configs import default
+from resattn_jax import parallel
+from resattn_jax.optim import create_optimizer
+from resattn_jax.train_lib import create_train_state, make_train_step
+
+# A small network that still has an attention module (soft mask with BatchNorm) in each stage.
+SMALL = dict(stem_width=8, stage_widths=(8, 16), modules_per_stage=(1, 1), mask_pools=(1, 1),
+             stage_strides=(1, 2), final_width=16, final_units=0)
+GLOBAL_BATCH = 16
+
+
+def one_step(mode: str, devices, steps: int = 1):
+    axis = parallel.AXIS if mode == "pmap" else None
+    model = resattn_jax.create_model("tiny", bn_axis_name=axis, **SMALL)
+    optimizer, schedule = create_optimizer(default.get_config().optimizer, GLOBAL_BATCH)
+    mesh = parallel.make_mesh(devices)
+    state = create_train_state(model, optimizer, (16, 16, 3), seed=0, mesh=mesh)
+    step = parallel.compile_step(make_train_step(model, schedule, axis_name=axis), mode, mesh)
+    rng = np.random.default_rng(0)
+    metrics = None
+    for _ in range(steps):
+        batch = {"image": rng.normal(size=(GLOBAL_BATCH, 16, 16, 3)).astype(np.float32),
+                 "label": rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32)}
+        state, metrics = step(state, parallel.shard_batch(batch, mesh))
+    return jax.device_get((state.params, state.batch_stats, state.opt_state, metrics))
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    return one_step("jit", jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_eight_devices_match_one_device(single_device, mode):
+    assert jax.device_count() == 8
+    params, stats, opt_state, metrics = one_step(mode, jax.devices())
+    ref_params, ref_stats, ref_opt, ref_metrics = single_device
+    close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    jax.tree.map(close, params, ref_params)
+    jax.tree.map(close, stats, ref_stats)
+    jax.tree.map(close, opt_state, ref_opt)
+    for key in ("loss", "accuracy", "grad_norm"):
+        close(metrics[key], ref_metrics[key])
+
+
+def test_step_actually_moves_parameters(single_device):
+    model = resattn_jax.create_model("tiny", **SMALL)
+    optimizer, _ = create_optimizer(default.get_config().optimizer, GLOBAL_BATCH)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    init = create_train_state(model, optimizer, (16, 16, 3), seed=0, mesh=mesh)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), single_device[0], init.params)
+    assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_batch_that_does_not_divide_is_rejected():
+    from resattn_jax.train_lib import validate_config
+
+    config = default.get_config()
+    config.global_batch_size = 30
+    with pytest.raises(ValueError, match="global_batch_size=30 does not divide by the 8 devices"):
+        validate_config(config)

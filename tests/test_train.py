@@ -1,0 +1,141 @@
+"""The training loop: exact resume across a SIGTERM, checkpoint fallback, config errors, NaN stop."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import digits_config
+
+from resattn_jax import train_lib
+from resattn_jax.checkpoint import CheckpointError, Checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_state(workdir: str, step: int):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+    manager.close()
+    return restored["state"]
+
+
+def fingerprint(batch: dict) -> tuple:
+    return float(np.asarray(batch["image"], np.float64).sum()), tuple(np.asarray(batch["label"]).tolist())
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
+    total = 8
+    straight_batches = {}
+    straight = train_lib.train_and_evaluate(digits_config(total), str(tmp_path / "straight"),
+                                            batch_hook=lambda s, b: straight_batches.__setitem__(s, fingerprint(b)))
+    assert straight["steps"] == total
+
+    resumed_batches = {}
+
+    def hook(step, batch):
+        resumed_batches[step] = fingerprint(batch)
+        if step == 4:  # fetched a little ahead of its use: the signal lands between steps 2 and 4
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(train_lib.Preempted) as stopped:
+        train_lib.train_and_evaluate(digits_config(total), str(tmp_path / "resumed"), batch_hook=hook)
+    preempted_at = stopped.value.step
+    assert 0 < preempted_at < total and os.path.isdir(stopped.value.checkpoint)
+    summary = train_lib.train_and_evaluate(digits_config(total), str(tmp_path / "resumed"),
+                                           batch_hook=lambda s, b: resumed_batches.__setitem__(s, fingerprint(b)))
+    assert summary["resumed_from_step"] == preempted_at and summary["steps"] == total
+
+    # The batches used at every step are the same ones, and so is the final state.
+    assert {s: resumed_batches[s] for s in range(total)} == {s: straight_batches[s] for s in range(total)}
+    a, b = read_state(str(tmp_path / "straight"), total), read_state(str(tmp_path / "resumed"), total)
+    for key in ("params", "batch_stats", "opt_state", "step"):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), a[key], b[key])
+    assert summary["test_accuracy"] == pytest.approx(straight["test_accuracy"])
+
+    # The workdir has everything a user looks for.
+    workdir = tmp_path / "straight"
+    assert set(json.loads((workdir / "summary.json").read_text())) >= {"test_accuracy", "best_checkpoint",
+                                                                       "train_seconds"}
+    assert os.listdir(workdir / "tensorboard")
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_loss", "train_accuracy", "learning_rate", "train_images_per_sec"} <= set(lines[0])
+    assert any("validation_accuracy" in line for line in lines) and any("test_top5" in line for line in lines)
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
+    state = {"w": np.arange(4.0), "step": np.int32(0)}
+    checkpoints = Checkpoints(str(tmp_path), keep=3, async_save=False)
+    for step in (1, 2):
+        checkpoints.save(step, {**state, "step": np.int32(step)}, {"step": step})
+    checkpoints.wait()
+    for root, _, files in os.walk(checkpoints.path(2)):
+        for name in files:  # truncate every file of the latest checkpoint
+            open(os.path.join(root, name), "w").close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+    with caplog.at_level(logging.WARNING):
+        restored, meta, step = checkpoints.restore(abstract)
+    assert step == 1 and meta == {"step": 1} and int(restored["step"]) == 1
+    assert "unreadable" in caplog.text
+    for root, _, files in os.walk(checkpoints.path(1)):
+        for name in files:
+            open(os.path.join(root, name), "w").close()
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        checkpoints.restore(abstract)
+    checkpoints.close()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.name": "resnet50"}, "unknown model 'resnet50'"),
+    ({"data.name": "no_such_dataset"}, "no_such_dataset"),
+    ({"global_batch_size": 12}, "global_batch_size=12 does not divide by the 8 devices"),
+    ({"parallel": "pjit"}, "unknown parallel mode"),
+])
+def test_bad_configs_fail_before_writing(tmp_path, overrides, match):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        train_lib.train_and_evaluate(digits_config(**overrides), str(workdir))
+    assert not workdir.exists()
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="not writable"):
+        train_lib.train_and_evaluate(digits_config(), str(blocker / "run"))
+
+
+@pytest.mark.parametrize("flag,match", [("--config.no_such_field=1", "no_such_field"),
+                                        ("--config.model.name=resnet50", "unknown model 'resnet50'")])
+def test_cli_prints_one_line_errors(tmp_path, flag, match):
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/digits.py", "--workdir",
+                             str(tmp_path / "run"), flag], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "rror" in line]
+    assert errors and match in errors[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_a_loadable_checkpoint(tmp_path):
+    config = digits_config(60, **{"optimizer.learning_rate": 1e6, "log_every_steps": 1,
+                                  "checkpoint_every_steps": 1, "eval_every_steps": 100})
+    with pytest.raises(train_lib.NonFiniteError, match=r"non-finite loss or gradient at step \d+") as error:
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    bad_step = int(error.value.args[0].split("at step ")[1].split()[0])
+    checkpoints = Checkpoints(str(tmp_path))
+    latest = checkpoints.steps()[-1]
+    assert latest == bad_step - 1  # checkpoints every step; the bad update was never applied or saved
+    state = read_state(str(tmp_path), latest)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+    checkpoints.close()
