@@ -6,7 +6,7 @@ e.g. ``--config.global_batch_size=128 --config.model.remat=True``.
 
 import ml_collections
 
-from resattn_jax import data
+from resattn_jax import data, optim
 
 
 def get_config():
@@ -25,12 +25,7 @@ def get_config():
     config.global_batch_size = 64
     config.eval_batch_size = 256
     config.num_train_steps = 160_000
-    config.optimizer = ml_collections.ConfigDict({
-        "learning_rate": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
-        "boundaries": (64_000, 96_000), "decay_factor": 0.1,
-        "warmup_steps": 0,
-        "base_batch_size": 0,  # >0: scale the learning rate by global_batch_size / base_batch_size
-    })
+    config.optimizer = optim.default_optimizer_config()
 
     # System.
     config.seed = 0

@@ -15,10 +15,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import traverse_util
 
-__all__ = ["learning_rate_schedule", "weight_decay_mask", "create_optimizer"]
+__all__ = ["default_optimizer_config", "learning_rate_schedule", "weight_decay_mask", "create_optimizer"]
+
+
+def default_optimizer_config() -> ml_collections.ConfigDict:
+    """The paper's CIFAR recipe: SGD, Nesterov momentum 0.9, L2 1e-4, lr 0.1 / 10 at 64k and 96k."""
+    return ml_collections.ConfigDict({
+        "learning_rate": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
+        "boundaries": (64_000, 96_000), "decay_factor": 0.1,
+        "warmup_steps": 0,
+        "base_batch_size": 0,  # >0: scale the learning rate by global_batch_size / base_batch_size
+    })
 
 
 def learning_rate_schedule(cfg, global_batch_size: int) -> optax.Schedule:
@@ -31,10 +43,16 @@ def learning_rate_schedule(cfg, global_batch_size: int) -> optax.Schedule:
     if cfg.base_batch_size:
         lr *= global_batch_size / cfg.base_batch_size
     boundaries = sorted(int(b) for b in cfg.boundaries)
-    schedule = optax.piecewise_constant_schedule(lr, {b: float(cfg.decay_factor) for b in boundaries})
-    if cfg.warmup_steps:
-        warmup = optax.linear_schedule(0.0, lr, int(cfg.warmup_steps))
-        schedule = optax.join_schedules([warmup, schedule], [int(cfg.warmup_steps)])
+    piecewise = optax.piecewise_constant_schedule(lr, {b: float(cfg.decay_factor) for b in boundaries})
+    warmup_steps = int(cfg.warmup_steps)
+    if not warmup_steps:
+        return piecewise
+
+    def schedule(step):
+        # Boundaries stay absolute iterations (optax.join_schedules would restart the count after
+        # the warm-up and shift every decay by warmup_steps).
+        return jnp.where(step < warmup_steps, lr * step / warmup_steps, piecewise(step))
+
     return schedule
 
 
