@@ -99,7 +99,7 @@ def create_train_state(model, optimizer: optax.GradientTransformation, image_sha
 
 
 # ---------------------------------------------------------------------------------------- steps
-def make_train_step(model, schedule: optax.Schedule,
+def make_train_step(schedule: optax.Schedule,
                     axis_name: str | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)``: forward, backward, SGD update.
 
@@ -296,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     optimizer, schedule = create_optimizer(config.optimizer, config.global_batch_size)
     state = create_train_state(model, optimizer, info.image_shape, config.seed, mesh)
     axis = parallel.AXIS if config.parallel == "pmap" else None
-    train_step = parallel.compile_step(make_train_step(model, schedule, axis), config.parallel,
+    train_step = parallel.compile_step(make_train_step(schedule, axis), config.parallel,
                                        mesh)
     eval_step = jax.jit(make_eval_step(), in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))
 
@@ -337,7 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         metrics = None
         if validation is not None:
             metrics = {"validation_accuracy": validation["accuracy"]}
-            if meta["best_validation_accuracy"] is None or validation["accuracy"] > meta["best_validation_accuracy"]:
+            # Ties go to the later step, as Orbax's BestN keeps the later of two equal checkpoints.
+            if meta["best_validation_accuracy"] is None or validation["accuracy"] >= meta["best_validation_accuracy"]:
                 meta = {**meta, "best_step": step, "best_validation_accuracy": validation["accuracy"]}
         meta = {**meta, "step": step}
         checkpoints.save(step, _state_dict(state), meta, metrics)

@@ -9,12 +9,10 @@ import pytest
 import resattn_jax
 from configs import default
 from resattn_jax import parallel
+from tiny_config import SMALL
 from resattn_jax.optim import create_optimizer
 from resattn_jax.train_lib import create_train_state, make_train_step
 
-# A small network that still has an attention module (soft mask with BatchNorm) in each stage.
-SMALL = dict(stem_width=8, stage_widths=(8, 16), modules_per_stage=(1, 1), mask_pools=(1, 1),
-             stage_strides=(1, 2), final_width=16, final_units=0)
 GLOBAL_BATCH = 16
 
 
@@ -24,7 +22,7 @@ def one_step(mode: str, devices, steps: int = 1):
     optimizer, schedule = create_optimizer(default.get_config().optimizer, GLOBAL_BATCH)
     mesh = parallel.make_mesh(devices)
     state = create_train_state(model, optimizer, (16, 16, 3), seed=0, mesh=mesh)
-    step = parallel.compile_step(make_train_step(model, schedule, axis_name=axis), mode, mesh)
+    step = parallel.compile_step(make_train_step(schedule, axis_name=axis), mode, mesh)
     rng = np.random.default_rng(0)
     metrics = None
     for _ in range(steps):
@@ -68,3 +66,23 @@ def test_batch_that_does_not_divide_is_rejected():
     config.global_batch_size = 30
     with pytest.raises(ValueError, match="global_batch_size=30 does not divide by the 8 devices"):
         validate_config(config)
+
+
+def test_learning_rate_schedule_counts_absolute_iterations():
+    from resattn_jax.optim import learning_rate_schedule
+
+    config = default.get_config().optimizer
+    config.boundaries, config.warmup_steps = (100, 150), 10
+    schedule = learning_rate_schedule(config, 64)
+    assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.05)
+    assert [float(schedule(s)) for s in (10, 99, 100, 149, 150)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    config.base_batch_size, config.warmup_steps = 32, 0
+    assert float(learning_rate_schedule(config, 64)(0)) == pytest.approx(0.2)
+
+
+def test_weight_decay_applies_to_kernels_only():
+    from resattn_jax.optim import weight_decay_mask
+
+    params = {"conv": {"kernel": 1}, "bn": {"scale": 1, "bias": 1}, "classifier": {"kernel": 1, "bias": 1}}
+    assert weight_decay_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
+                                         "classifier": {"kernel": True, "bias": False}}

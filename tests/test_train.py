@@ -20,11 +20,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_state(workdir: str, step: int):
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             meta=ocp.args.JsonRestore()))
-    manager.close()
-    return restored["state"]
+    """The saved train state of ``step`` as arrays on one device, whatever topology wrote it."""
+    checkpointer = ocp.StandardCheckpointer()
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata)
+    return checkpointer.restore(path, target)
 
 
 def fingerprint(batch: dict) -> tuple:
