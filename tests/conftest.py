@@ -46,3 +46,13 @@ def tiny():
     images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3), jnp.float32)
     variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
     return model, variables, images
+
+
+@pytest.fixture(scope="session")
+def digits_workdir(tmp_path_factory) -> str:
+    """A finished 4-step digits run of the tiny network (checkpoints at steps 2 and 4), shared by the session."""
+    from resattn_jax import train_lib
+
+    workdir = str(tmp_path_factory.mktemp("digits_run"))
+    train_lib.train_and_evaluate(digits_config(4), workdir)
+    return workdir
