@@ -1,0 +1,38 @@
+"""The benchmark command's library function: schema, both parallel modes, train and eval, FLOPs."""
+
+import json
+
+import jax
+import pytest
+
+from resattn_jax import bench
+
+KEYS = {"images_per_sec", "step_ms_median", "compile_s", "flops_per_step", "mfu", "peak_memory_bytes",
+        "device_kind", "num_devices", "jax_version"}
+
+
+@pytest.mark.parametrize("parallel_mode,mode", [("jit", "train"), ("pmap", "train"), ("jit", "eval"),
+                                                ("pmap", "eval")])
+def test_benchmark_figures(parallel_mode, mode):
+    result = bench.run_benchmark("tiny", image_size=32, batch_size=8, parallel_mode=parallel_mode, mode=mode, steps=2,
+                                 warmup=1, num_classes=10, peak_tflops=0.39)
+    assert KEYS <= set(result)
+    json.dumps(result)  # JSON-able
+    assert result["num_devices"] == jax.device_count() and result["images_per_sec"] > 0
+    assert result["step_ms_min"] <= result["step_ms_median"] <= result["step_ms_max"]
+    assert 0 < result["mfu"] < 1
+    # The traced step's count vs 2 x the forward multiply-adds (x3 for a train step).
+    assert result["flops_per_step"] == pytest.approx(result["analytic_flops_per_step"], rel=0.10)
+
+
+def test_cli_prints_exactly_one_json_object(capsys):
+    assert bench.main(["--model", "tiny", "--image-size", "32", "--batch-size", "8", "--steps", "1", "--warmup", "0",
+                       "--mode", "eval", "--json", "--num-classes", "10"]) == 0
+    out = capsys.readouterr().out
+    assert KEYS <= set(json.loads(out))
+    assert out.count("\n") == 1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="does not divide"):
+        bench.run_benchmark("tiny", image_size=32, batch_size=6)
