@@ -88,14 +88,16 @@ def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo):
 def create_train_state(model, optimizer: optax.GradientTransformation, image_shape: tuple[int, int, int],
                        seed: int, mesh) -> TrainState:
     """Initialise parameters, batch statistics and optimizer state, replicated over ``mesh``."""
+    return jax.jit(lambda: _initial_state(model, optimizer, image_shape, seed),
+                   out_shardings=parallel.replicated(mesh))()
 
-    def init():
-        variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
-        return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
-                                 batch_stats=variables["batch_stats"], nonfinite_steps=jnp.zeros((), jnp.int32),
-                                 first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
-    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+def _initial_state(model, optimizer: optax.GradientTransformation, image_shape: tuple[int, int, int],
+                   seed: int) -> TrainState:
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
+                             batch_stats=variables["batch_stats"], nonfinite_steps=jnp.zeros((), jnp.int32),
+                             first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------- steps
@@ -354,8 +356,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 step += 1
                 pending.append(metrics)
                 if step % config.log_every_steps == 0 or step == total:
-                    fetched = jax.device_get(pending)  # the only host sync of the step loop
-                    nonfinite, first_bad = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
+                    # The only host sync of the step loop.
+                    fetched, (nonfinite, first_bad) = jax.device_get(
+                        (pending, (state.nonfinite_steps, state.first_nonfinite_step)))
                     elapsed = time.perf_counter() - window_start
                     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                     scalars["images_per_sec"] = (step - window_step) * config.global_batch_size / max(elapsed, 1e-9)
@@ -453,10 +456,7 @@ def load_trained(workdir: str, checkpoint: str | int = "best", mesh=None) -> Tra
         model = build_model(config, info)
         mesh = mesh or parallel.make_mesh()
         optimizer, _ = create_optimizer(config.optimizer, config.global_batch_size)
-        abstract_state = jax.eval_shape(lambda: TrainState.create(
-            apply_fn=model.apply, tx=optimizer, nonfinite_steps=jnp.zeros((), jnp.int32),
-            first_nonfinite_step=jnp.zeros((), jnp.int32),
-            **model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False)))
+        abstract_state = jax.eval_shape(lambda: _initial_state(model, optimizer, info.image_shape, 0))
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
                               _state_dict(abstract_state))
         if checkpoint == "latest":
