@@ -100,7 +100,8 @@ def _network_order(name: str) -> tuple:
 def forward(trained: train_lib.TrainedModel, images: np.ndarray) -> Forward:
     """Evaluation-mode forward pass of normalised ``images: [N, H, W, C]`` with its intermediates."""
     check_images(trained, images)
-    apply = jax.jit(lambda variables, x: trained.model.apply(variables, x, train=False, mutable=["intermediates"]))
+    apply = jax.jit(lambda variables, x: trained.model.apply(variables, x, train=False, mutable=["intermediates"]),
+                    compiler_options=parallel.compiler_options())
     logits, state = apply(trained.variables, jnp.asarray(images, jnp.float32))
     intermediates = jax.device_get(state["intermediates"])
     soft_masks, stage_outputs = {}, {}

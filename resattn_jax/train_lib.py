@@ -298,9 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     optimizer, schedule = create_optimizer(config.optimizer, config.global_batch_size)
     state = create_train_state(model, optimizer, info.image_shape, config.seed, mesh)
     axis = parallel.AXIS if config.parallel == "pmap" else None
-    train_step = parallel.compile_step(make_train_step(schedule, axis), config.parallel,
-                                       mesh)
-    eval_step = jax.jit(make_eval_step(), in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))
+    train_step = parallel.compile_step(make_train_step(schedule, axis), config.parallel, mesh)
+    eval_step = jax.jit(make_eval_step(), in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                        compiler_options=parallel.compiler_options(mesh))
 
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
     meta = {"step": 0, "best_step": None, "best_validation_accuracy": None}

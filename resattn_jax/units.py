@@ -60,7 +60,12 @@ class Conv1x1(nn.Module):
         if self.strides > 1:
             x = x[:, :: self.strides, :: self.strides, :]
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+        # One contracting dimension per operand, in the forward and in both transposes: with the
+        # batch and spatial axes flattened, XLA runs the weight gradient ``x^T dy`` as one matrix
+        # product instead of canonicalising three contracting axes through a transposed copy.
+        rows = x.reshape(-1, x.shape[-1])
+        y = jax.lax.dot_general(rows, kernel[0, 0], (((1,), (0,)), ((), ())))
+        return y.reshape(*x.shape[:-1], self.features)
 
 
 def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, dtype: Dtype | None = None,

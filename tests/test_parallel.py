@@ -86,3 +86,30 @@ def test_weight_decay_applies_to_kernels_only():
     params = {"conv": {"kernel": 1}, "bn": {"scale": 1, "bias": 1}, "classifier": {"kernel": 1, "bias": 1}}
     assert weight_decay_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
                                          "classifier": {"kernel": True, "bias": False}}
+
+
+def _conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_cpu_steps_compile_convolutions_on_the_eigen_path(monkeypatch):
+    options = parallel.compiler_options()
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+    x, w = jnp.ones((1, 32, 32, 64)), jnp.ones((3, 3, 64, 64))
+    assert "__ynn_fusion" in jax.jit(_conv).lower(x, w).compile().as_text()
+    assert "__ynn_fusion" not in jax.jit(_conv, compiler_options=options).lower(x, w).compile().as_text()
+    monkeypatch.setenv("RESATTN_JAX_XLA_DEFAULTS", "1")
+    parallel._supported_options.cache_clear()
+    try:
+        assert parallel.compiler_options() == {}
+    finally:
+        parallel._supported_options.cache_clear()
+
+
+def test_unknown_compiler_options_are_dropped(monkeypatch):
+    monkeypatch.setitem(parallel.BACKEND_COMPILER_OPTIONS, "cpu", {"xla_no_such_option_anywhere": 1})
+    parallel._supported_options.cache_clear()
+    try:
+        assert parallel.compiler_options() == {}
+    finally:
+        parallel._supported_options.cache_clear()

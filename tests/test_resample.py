@@ -1,9 +1,12 @@
 """Up-sampling (align_corners=True) and Caffe-style max pooling against independent references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from resattn_jax.bench_upsample import upsample_gather, upsample_jax_image, upsample_matrices
 from resattn_jax.resample import interpolation_matrix, max_pool_3x3s2, pooled_size, upsample_bilinear
@@ -109,3 +112,41 @@ def test_max_pool_reproduces_caffe_on_even_sizes(size):
 def test_max_pool_odd_sizes_use_same_convention(size):
     x = jnp.zeros((1, size, size, 1))
     assert max_pool_3x3s2(x).shape[1] == pooled_size(size) == -(-size // 2)
+
+
+def caffe_max_pool_grad(x: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """Caffe's backward: each output's gradient goes to the first maximum of its window (row-major)."""
+    n, h, w, c = x.shape
+    out = np.zeros_like(x)
+    for b in range(n):
+        for ch in range(c):
+            for i in range(grad.shape[1]):
+                for j in range(grad.shape[2]):
+                    window = x[b, 2 * i: min(2 * i + 3, h), 2 * j: min(2 * j + 3, w), ch]
+                    di, dj = np.unravel_index(np.argmax(window), window.shape)  # first maximum
+                    out[b, 2 * i + di, 2 * j + dj, ch] += grad[b, i, j, ch]
+    return out
+
+
+@pytest.mark.parametrize("size", [2, 6, 8])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_gradient_routes_to_the_first_maximum(size, ties):
+    rng = np.random.default_rng(size)
+    x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+    if ties:  # rounded values: most windows hold several equal maxima
+        x = np.round(x)
+    grad = rng.normal(size=(2, size // 2, size // 2, 3)).astype(np.float32)
+    _, vjp = jax.vjp(max_pool_3x3s2, jnp.asarray(x))
+    np.testing.assert_allclose(vjp(jnp.asarray(grad))[0], caffe_max_pool_grad(x, grad), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 4), (1, 1, 1, 2)])
+def test_max_pool_gradient_matches_xla_reduce_window(shape):
+    """Odd sizes included: the custom VJP agrees with autodiff of XLA's SAME reduce_window pooling."""
+    x = jnp.asarray(np.round(np.random.default_rng(1).normal(size=shape)).astype(np.float32))
+    reference = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+    y_ref, vjp_ref = jax.vjp(reference, x)
+    y, vjp = jax.vjp(max_pool_3x3s2, x)
+    np.testing.assert_array_equal(y, y_ref)
+    grad = jnp.asarray(np.random.default_rng(2).normal(size=y.shape).astype(np.float32))
+    np.testing.assert_allclose(vjp(grad)[0], vjp_ref(grad)[0], rtol=1e-6, atol=1e-6)
