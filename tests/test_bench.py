@@ -36,3 +36,22 @@ def test_cli_prints_exactly_one_json_object(capsys):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="does not divide"):
         bench.run_benchmark("tiny", image_size=32, batch_size=6)
+    with pytest.raises(ValueError, match="unknown mode"):
+        bench.run_benchmark("tiny", image_size=32, batch_size=8, mode="infer")
+    with pytest.raises(ValueError, match="mock-examples"):
+        bench.run_benchmark("tiny", image_size=32, batch_size=8, mode="input", mock_examples=0)
+
+
+def test_input_pipeline_alone_over_mock_cifar10(capsys):
+    assert bench.main(["--mode", "input", "--dataset", "cifar10", "--mock-examples", "300", "--batch-size", "64",
+                       "--steps", "3", "--warmup", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert KEYS <= set(result)
+    assert result["model"] is None and result["dataset"] == "cifar10" and result["image_size"] == 32
+    assert result["images_per_sec"] > 0 and result["flops_per_step"] is None and result["mfu"] is None
+
+
+def test_train_step_fed_by_the_pipeline():
+    result = bench.run_benchmark("tiny", image_size=32, batch_size=8, mode="train", steps=2, warmup=1,
+                                 num_classes=10, input_kind="pipeline", dataset="digits")
+    assert result["input"] == "pipeline" and result["dataset"] == "digits" and result["images_per_sec"] > 0
