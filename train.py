@@ -21,7 +21,7 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resattn_jax import train_lib  # noqa: E402
+from resattn_jax import parallel, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:ARG]).", lock_config=True)
@@ -63,10 +63,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # tfds/jax INFO chatter; progress goes to stderr
+    parallel.retain_host_memory()  # before JAX starts its backend threads
     try:
         if FLAGS.distributed_auto or FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
-            from resattn_jax import parallel  # noqa: PLC0415
-
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                             auto=FLAGS.distributed_auto)
         summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)

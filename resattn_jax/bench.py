@@ -237,7 +237,8 @@ def _format(result: dict) -> str:
         f"input={result['input']}" + (f" ({result['dataset']})" if result["dataset"] else ""),
         f"device: {result['num_devices']} x {result['device_kind']} ({result['backend']}), "
         f"jax {result['jax_version']} / jaxlib {result['jaxlib_version']}, "
-        f"compiler options {result['compiler_options'] or 'none'}",
+        f"compiler options {result['compiler_options'] or 'none'}, host memory retained "
+        f"{result.get('host_memory_retained', 'n/a')}",
         f"compile: {result['compile_s']:.1f} s",
         f"step: median {result['step_ms_median']:.1f} ms (min {result['step_ms_min']:.1f}, max "
         f"{result['step_ms_max']:.1f}, stdev {result['step_ms_stdev']:.1f}) over {result['steps']} steps",
@@ -274,6 +275,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     args = parser.parse_args(argv)
+    retained = parallel.retain_host_memory()  # before JAX starts its backend threads
     try:
         result = run_benchmark(args.model, args.image_size, args.batch_size, args.dtype, args.parallel, args.mode,
                                args.remat, args.steps, args.warmup, args.input, args.peak_tflops, args.num_classes,
@@ -281,6 +283,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
+    result["host_memory_retained"] = retained
     print(json.dumps(result) if args.json else _format(result))
     return 0
 

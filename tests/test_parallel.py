@@ -1,6 +1,8 @@
 """One training step: 8 devices with parallel='jit', 8 devices per-device ('pmap', BN synced),
 and 1 device with the same global batch give the same parameters and batch statistics."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,17 @@ def test_unknown_compiler_options_are_dropped(monkeypatch):
         assert parallel.compiler_options() == {}
     finally:
         parallel._supported_options.cache_clear()
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_retain_host_memory_applies_glibc_settings_unless_opted_out(opt_out):
+    """Applied in a fresh process (the effect on step time is a benchmark figure, docs/benchmarks.md)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    env = {k: v for k, v in os.environ.items() if k != "RESATTN_JAX_XLA_DEFAULTS"}
+    if opt_out:
+        env["RESATTN_JAX_XLA_DEFAULTS"] = "1"
+    script = "from resattn_jax import parallel; print(parallel.retain_host_memory())"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split()[-1] == str(not opt_out)
