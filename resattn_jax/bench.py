@@ -13,7 +13,8 @@ includes host work and the transfer.
 
 FLOPs per step: 2 x the multiply-adds of every convolution and matrix product in the traced step
 itself (forward, and for a train step the backward pass too), read from its jaxpr by
-:mod:`resattn_jax.flops`. Beside it: the analytic figure (2 x the forward multiply-adds, x3 for a
+:mod:`resattn_jax.flops`; with ``--remat`` the recomputed forward is not counted (model FLOPs, the
+usual MFU convention; XLA's figure includes it). Beside it: the analytic figure (2 x the forward multiply-adds, x3 for a
 train step) and XLA's cost analysis of the compiled step (all devices; it also counts elementwise
 work). MFU = achieved FLOP/s over the devices' peak dense FLOP/s for the compute dtype (table below,
 or ``--peak-tflops``).
@@ -147,11 +148,12 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         # XLA counts one device.
         figures["xla_flops_per_step"] = float(cost.get("flops", 0.0)) * len(devices) if cost else None
-        # The traced step on the global batch (the 'jit' form: per-device steps compute the same math).
-        global_state = state.replace(apply_fn=net.clone(bn_axis_name=None).apply)
+        # The traced step on the global batch (the 'jit' form: per-device steps compute the same
+        # math), without remat: model FLOPs, recomputation not counted (the usual MFU convention).
+        global_state = state.replace(apply_fn=net.clone(bn_axis_name=None, remat=False).apply)
         traced = train_lib.make_train_step(schedule) if mode == "train" else _eval_forward(None)
         figures["flops_per_step"] = 2.0 * count_macs(traced, global_state, first)
-        figures["flops_source"] = "2 x conv/matmul multiply-adds of the traced step"
+        figures["flops_source"] = "2 x conv/matmul multiply-adds of the traced step (remat recomputation not counted)"
         macs = model_macs(net, jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, *image_shape)))),
                           (batch_size, *image_shape))
         figures["analytic_flops_per_step"] = 2.0 * macs * (3 if mode == "train" else 1)

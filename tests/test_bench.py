@@ -11,17 +11,19 @@ KEYS = {"images_per_sec", "step_ms_median", "compile_s", "flops_per_step", "mfu"
         "device_kind", "num_devices", "jax_version"}
 
 
-@pytest.mark.parametrize("parallel_mode,mode", [("jit", "train"), ("pmap", "train"), ("jit", "eval"),
-                                                ("pmap", "eval")])
-def test_benchmark_figures(parallel_mode, mode):
+@pytest.mark.parametrize("parallel_mode,mode,remat", [("jit", "train", False), ("pmap", "train", False),
+                                                      ("jit", "eval", False), ("pmap", "eval", False),
+                                                      ("jit", "train", True)])
+def test_benchmark_figures(parallel_mode, mode, remat):
     result = bench.run_benchmark("tiny", image_size=32, batch_size=8, parallel_mode=parallel_mode, mode=mode, steps=2,
-                                 warmup=1, num_classes=10, peak_tflops=0.39)
+                                 warmup=1, num_classes=10, peak_tflops=0.39, remat=remat)
     assert KEYS <= set(result)
     json.dumps(result)  # JSON-able
     assert result["num_devices"] == jax.device_count() and result["images_per_sec"] > 0
     assert result["step_ms_min"] <= result["step_ms_median"] <= result["step_ms_max"]
     assert 0 < result["mfu"] < 1
-    # The traced step's count vs 2 x the forward multiply-adds (x3 for a train step).
+    # The traced step's count vs 2 x the forward multiply-adds (x3 for a train step); with remat
+    # the recomputed forward is not model FLOPs.
     assert result["flops_per_step"] == pytest.approx(result["analytic_flops_per_step"], rel=0.10)
 
 
