@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
+import ctypes
 import functools
+import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,14 +80,13 @@ BACKEND_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
 @functools.cache
 def _supported_options(platform: str) -> tuple[tuple[str, Any], ...]:
     """The options of :data:`BACKEND_COMPILER_OPTIONS` this jaxlib accepts for ``platform``."""
-    import os  # noqa: PLC0415
-
     if os.environ.get("RESATTN_JAX_XLA_DEFAULTS") == "1":
         return ()
     supported = []
     for key, value in BACKEND_COMPILER_OPTIONS.get(platform, {}).items():
         try:  # A jaxlib that does not know the option rejects it at compile time: probe once.
-            jax.jit(jnp.negative, compiler_options={key: value}).lower(jnp.zeros((), jnp.float32)).compile()
+            probe = jax.device_put(jnp.zeros((), jnp.float32), jax.devices(platform)[0])
+            jax.jit(jnp.negative, compiler_options={key: value}).lower(probe).compile()
         except Exception:  # noqa: BLE001 - any rejection means "not supported here"
             continue
         supported.append((key, value))
@@ -104,9 +104,6 @@ def retain_host_memory() -> bool:
     backend (the CLIs call it first thing); a no-op off glibc or with ``RESATTN_JAX_XLA_DEFAULTS=1``.
     Returns whether the settings were applied.
     """
-    import ctypes  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
     if os.environ.get("RESATTN_JAX_XLA_DEFAULTS") == "1":
         return False
     try:
