@@ -233,10 +233,15 @@ def _format(result: dict) -> str:
     def num(value, fmt):
         return format(value, fmt) if value is not None else "n/a"
     size = f"{result['image_size']}x{result['image_size']}"
+    if result["mode"] == "input":
+        title = (f"{result['dataset']} input pipeline alone: augmented {size} training batches of "
+                 f"{result['batch_size']}, delivered to the devices")
+    else:
+        title = (f"{result['model']} {result['mode']} {size} batch {result['batch_size']} {result['dtype']} "
+                 f"parallel={result['parallel']} remat={result['remat']} input={result['input']}"
+                 + (f" ({result['dataset']})" if result["dataset"] else ""))
     lines = [
-        f"{result['model'] or result['dataset'] + ' input pipeline'} {result['mode']} {size} batch "
-        f"{result['batch_size']} {result['dtype']} parallel={result['parallel']} remat={result['remat']} "
-        f"input={result['input']}" + (f" ({result['dataset']})" if result["dataset"] else ""),
+        title,
         f"device: {result['num_devices']} x {result['device_kind']} ({result['backend']}), "
         f"jax {result['jax_version']} / jaxlib {result['jaxlib_version']}, "
         f"compiler options {result['compiler_options'] or 'none'}, host memory retained "

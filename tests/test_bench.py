@@ -57,3 +57,11 @@ def test_train_step_fed_by_the_pipeline():
     result = bench.run_benchmark("tiny", image_size=32, batch_size=8, mode="train", steps=2, warmup=1,
                                  num_classes=10, input_kind="pipeline", dataset="digits")
     assert result["input"] == "pipeline" and result["dataset"] == "digits" and result["images_per_sec"] > 0
+
+
+def test_input_pipeline_text_report(capsys):
+    assert bench.main(["--mode", "input", "--dataset", "cifar10", "--mock-examples", "300", "--batch-size", "64",
+                       "--steps", "2", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cifar10 input pipeline alone: augmented 32x32 training batches of 64")
+    assert any(line.startswith("throughput: ") for line in out) and not any("FLOPs" in line for line in out)
