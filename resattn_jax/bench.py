@@ -23,6 +23,7 @@ or ``--peak-tflops``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -93,12 +94,12 @@ def run_benchmark(model: str = "attention56", image_size: int = 224, batch_size:
     if batch_size % len(devices):
         raise ValueError(f"batch size {batch_size} does not divide by the {len(devices)} devices")
     mesh = parallel.make_mesh(devices)
-    if mock_examples is None:
-        return _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps, warmup, input_kind,
-                    peak_tflops, num_classes, devices, mesh, dataset)
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    source = contextlib.nullcontext()
+    if mock_examples is not None:
+        import tensorflow_datasets as tfds  # noqa: PLC0415
 
-    with tfds.testing.mock_data(num_examples=mock_examples):
+        source = tfds.testing.mock_data(num_examples=mock_examples)
+    with source:
         return _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps, warmup, input_kind,
                     peak_tflops, num_classes, devices, mesh, dataset)
 
@@ -172,7 +173,7 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
     achieved = flops / median / 1e12 if flops else None
     device_kind = devices[0].device_kind
     peak = peak_tflops if peak_tflops is not None else _peak(device_kind, dtype)
-    peak_total = peak * len(devices) if peak and mode != "input" else None
+    peak_total = peak * len(devices) if peak else None
     return {
         "model": model, "image_size": image_size, "batch_size": batch_size, "dtype": dtype, "mode": mode,
         "parallel": parallel_mode, "remat": remat, "input": input_kind,
@@ -180,7 +181,7 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
         "images_per_sec": batch_size / median, "images_per_sec_per_device": batch_size / median / len(devices),
         "step_ms_median": median * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "step_ms_stdev": statistics.pstdev(times) * 1e3, **figures, "tflops_per_sec": achieved,
-        "peak_tflops_per_device": peak, "mfu": achieved / peak_total if peak_total else None,
+        "peak_tflops_per_device": peak, "mfu": achieved / peak_total if achieved and peak_total else None,
         "peak_memory_bytes": _peak_memory(devices), "device_kind": device_kind, "num_devices": len(devices),
         "backend": jax.default_backend(), "jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__,
         "compiler_options": parallel.compiler_options(devices),

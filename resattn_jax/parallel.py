@@ -77,10 +77,15 @@ BACKEND_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+def _xla_defaults_requested() -> bool:
+    """``RESATTN_JAX_XLA_DEFAULTS=1``: none of this module's backend-specific tuning."""
+    return os.environ.get("RESATTN_JAX_XLA_DEFAULTS") == "1"
+
+
 @functools.cache
 def _supported_options(platform: str) -> tuple[tuple[str, Any], ...]:
     """The options of :data:`BACKEND_COMPILER_OPTIONS` this jaxlib accepts for ``platform``."""
-    if os.environ.get("RESATTN_JAX_XLA_DEFAULTS") == "1":
+    if _xla_defaults_requested():
         return ()
     supported = []
     for key, value in BACKEND_COMPILER_OPTIONS.get(platform, {}).items():
@@ -104,7 +109,7 @@ def retain_host_memory() -> bool:
     backend (the CLIs call it first thing); a no-op off glibc or with ``RESATTN_JAX_XLA_DEFAULTS=1``.
     Returns whether the settings were applied.
     """
-    if os.environ.get("RESATTN_JAX_XLA_DEFAULTS") == "1":
+    if _xla_defaults_requested():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
