@@ -5,7 +5,9 @@ jaxprs (``jit``, ``remat``, ``custom_vjp`` ...), and adds up
 
 * ``conv_general_dilated``: output elements x kernel elements per output channel
   (``k_h * k_w * C_in / groups``);
-* ``dot_general``: output elements x the product of the contracted dimensions.
+* ``dot_general``: output elements x the product of the contracted dimensions;
+* ``cond``: the costliest branch only (one runs), so a backend-dependent algorithm such as
+  :mod:`resattn_jax.winograd`'s counts as the direct convolution it computes.
 
 Products inside the named scopes in ``exclude_scopes`` (by default the soft mask's bilinear
 up-sampling, which is interpolation, not a learned layer) are left out, so that the count is the
@@ -57,6 +59,11 @@ def _walk(jaxpr, exclude: tuple[str, ...]) -> int:
         if exclude and any(scope in str(eqn.source_info.name_stack) for scope in exclude):
             continue
         total += _eqn_macs(eqn)
+        if eqn.primitive.name == "cond":
+            # One branch runs: count the costliest (for ``lax.platform_dependent`` choices such
+            # as Winograd-on-CPU that is the direct convolution, i.e. the model's own FLOPs).
+            total += max(_walk(branch.jaxpr, exclude) for branch in eqn.params["branches"])
+            continue
         for sub, repeat in _sub_jaxprs(eqn.params):
             total += repeat * _walk(sub, exclude)
     return total

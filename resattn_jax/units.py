@@ -25,8 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from resattn_jax.winograd import conv3x3
+
 __all__ = [
     "Conv1x1",
+    "Conv3x3",
     "conv",
     "PreActBottleneck",
     "ResNeXtBottleneck",
@@ -68,11 +71,31 @@ class Conv1x1(nn.Module):
         return y.reshape(*x.shape[:-1], self.features)
 
 
+class Conv3x3(nn.Module):
+    """Bias-free 3x3 convolution, stride 1, padding 1: ``[N, H, W, C_in] -> [N, H, W, features]``.
+
+    :func:`resattn_jax.winograd.conv3x3` picks Winograd or XLA's convolution by backend, dtype and
+    shape; the kernel keeps ``nn.Conv``'s ``[3, 3, C_in, C_out]`` layout and name.
+    """
+
+    features: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", conv_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return conv3x3(x, kernel)
+
+
 def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, dtype: Dtype | None = None,
          param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
     """A bias-free ``k x k`` convolution with Caffe's symmetric padding ``k // 2``."""
     if kernel == 1 and groups == 1:
         return Conv1x1(features, strides, dtype=dtype, param_dtype=param_dtype, name=name)
+    if kernel == 3 and strides == 1 and groups == 1:
+        return Conv3x3(features, dtype=dtype, param_dtype=param_dtype, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
                    feature_group_count=groups, use_bias=False, kernel_init=conv_init, dtype=dtype,

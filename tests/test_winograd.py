@@ -1,0 +1,101 @@
+"""Winograd 3x3 convolution: same values and gradients as XLA's convolution, chosen per backend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resattn_jax.flops import count_macs
+from resattn_jax.units import Conv3x3
+from resattn_jax.winograd import conv3x3, conv3x3_direct, conv3x3_winograd, tile_size
+
+
+def _operands(shape, out_channels, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, shape, jnp.float32)
+    w = jax.random.normal(kw, (3, 3, shape[-1], out_channels), jnp.float32) / np.sqrt(9 * shape[-1])
+    return x, w
+
+
+def _rel_err(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("shape,out_channels", [((2, 8, 8, 3), 5), ((1, 9, 13, 4), 4), ((2, 5, 6, 2), 7),
+                                                ((1, 3, 3, 1), 1)])
+def test_winograd_matches_direct_convolution(m, shape, out_channels):
+    x, w = _operands(shape, out_channels)
+    ref = conv3x3_direct(x, w)
+    out = conv3x3_winograd(x, w, m)
+    assert out.shape == ref.shape
+    assert _rel_err(out, ref) < (2e-5 if m == 4 else 2e-6)
+
+
+def test_winograd_rejects_other_tile_sizes():
+    x, w = _operands((1, 8, 8, 2), 2)
+    with pytest.raises(ValueError, match="tile size"):
+        conv3x3_winograd(x, w, 3)
+
+
+def test_tile_size_rules():
+    assert tile_size(56, 56, 64, jnp.float32) == 4
+    assert tile_size(28, 40, 8, jnp.float32) == 4
+    assert tile_size(14, 14, 256, jnp.float32) == 2
+    assert tile_size(14, 14, 64, jnp.float32) == 0
+    assert tile_size(7, 7, 512, jnp.float32) == 0
+    assert tile_size(56, 56, 64, jnp.bfloat16) == 0
+
+
+# (shape, out channels) that select F(4, 3), F(2, 3) and the direct convolution on CPU.
+_CASES = [((2, 29, 28, 3), 4), ((1, 14, 15, 128), 8), ((2, 7, 7, 4), 6)]
+
+
+@pytest.mark.parametrize("shape,out_channels", _CASES)
+def test_conv3x3_values_and_gradients_match_direct(shape, out_channels):
+    x, w = _operands(shape, out_channels, seed=1)
+    dy = jax.random.normal(jax.random.key(2), shape[:-1] + (out_channels,))
+    out, vjp = jax.vjp(jax.jit(conv3x3), x, w)
+    ref, ref_vjp = jax.vjp(conv3x3_direct, x, w)
+    assert _rel_err(out, ref) < 2e-5
+    for got, want in zip(vjp(dy), ref_vjp(dy)):
+        assert got.shape == want.shape
+        assert _rel_err(got, want) < 2e-5
+
+
+def test_backend_choice_at_lowering():
+    x, w = _operands((1, 28, 28, 4), 4)
+    traced = jax.jit(jax.grad(lambda x, w: jnp.sum(conv3x3(x, w) ** 2), (0, 1))).trace(x, w)
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
+    # CPU: forward and input gradient are Winograd products; only the kernel gradient convolves.
+    assert cpu.count("stablehlo.convolution") == 1
+    # GPU: three convolutions (forward, input and kernel gradients), no Winograd products.
+    assert gpu.count("stablehlo.convolution") == 3
+    assert "dot_general" not in gpu
+
+
+def test_bfloat16_uses_the_direct_convolution():
+    x, w = _operands((1, 28, 28, 4), 4)
+    text = jax.jit(conv3x3).lower(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
+    assert "stablehlo.convolution" in text and "dot_general" not in text
+
+
+def test_flop_count_is_the_direct_convolution():
+    x, w = _operands((1, 28, 28, 4), 8)
+    direct = 28 * 28 * 8 * 9 * 4
+    assert count_macs(conv3x3, x, w) == direct
+    grad = jax.grad(lambda x, w: jnp.sum(conv3x3(x, w)), (0, 1))
+    assert count_macs(grad, x, w) == 3 * direct
+
+
+def test_module_keeps_nn_conv_parameter_layout():
+    from flax import linen as nn
+
+    x, _ = _operands((1, 8, 8, 3), 5)
+    ours = Conv3x3(5).init(jax.random.key(0), x)
+    theirs = nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)), use_bias=False).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, theirs)
+    y = Conv3x3(5).apply(theirs, x)
+    ref = nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)), use_bias=False).apply(theirs, x)
+    assert _rel_err(y, ref) < 2e-5
