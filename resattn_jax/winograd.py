@@ -18,10 +18,11 @@ computes, ``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``, and is 
   the direct convolution. The backend is resolved by ``lax.platform_dependent`` when the step is
   lowered, so a GPU or TPU compile never sees the CPU branch.
 
-The tile size per shape (:func:`tile_size`) comes from side-by-side timings of XLA:CPU on a
-2-core AMD EPYC (Zen 4), batch 8, float32 (docs/benchmarks.md): 56x56x64 forward 10.1 -> 5.2 ms
-with ``F(4, 3)``, 28x28x128 8.7 -> 4.1 ms, 14x14x256 8.8 -> 5.7 ms with ``F(2, 3)``; at 7x7
-and on narrow 14x14 maps the transforms cost more than they save.
+The tile size per shape (:func:`tile_size`) comes from side-by-side forward timings of XLA:CPU
+on a 2-core AMD EPYC (Zen 4), float32 (docs/benchmarks.md). Batch 8: 56x56x64 10.1 -> 5.2 ms
+with ``F(4, 3)``, 28x28x128 8.7 -> 4.1 ms, 14x14x256 8.8 -> 5.7 ms with ``F(2, 3)``; 7x7 maps
+(32 or 128 tiles) lose, 7x7x512 9.1 -> 12.1 ms. Batch 64: 16x16x128 24.1 -> 11.4 ms with
+``F(4, 3)``; fewer than 64 channels lose or break even, 32x32x16 3.2 -> 6.8 ms.
 """
 
 from __future__ import annotations
@@ -57,19 +58,24 @@ def conv3x3_direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                         dimension_numbers=_DIMENSION_NUMBERS)
 
 
-def tile_size(height: int, width: int, in_channels: int, dtype) -> int:
+#: Least number of tiles (batch x tile rows x tile columns) and input channels for which the
+#: batched products of Winograd beat XLA:CPU's direct convolution (measured, module docstring).
+MIN_TILES = 256
+MIN_CHANNELS = 64
+
+
+def tile_size(batch: int, height: int, width: int, in_channels: int, dtype) -> int:
     """Output tile ``m`` of the CPU Winograd ``F(m x m, 3 x 3)`` for this input, 0 for direct.
 
-    float32 only; ``F(4, 3)`` from 28x28 up, ``F(2, 3)`` on 14x14-27x27 maps of at least 128
-    channels (see the module docstring for the timings behind the thresholds).
+    float32 with at least :data:`MIN_CHANNELS` input channels only: ``F(4, 3)`` when it makes at
+    least :data:`MIN_TILES` tiles, else ``F(2, 3)`` when that does, else the direct convolution
+    (too few rows for the 36 or 16 matrix products to run efficiently).
     """
-    if jnp.dtype(dtype) != jnp.float32:
+    if jnp.dtype(dtype) != jnp.float32 or in_channels < MIN_CHANNELS:
         return 0
-    side = min(height, width)
-    if side >= 28:
-        return 4
-    if side >= 14 and in_channels >= 128:
-        return 2
+    for m in (4, 2):
+        if batch * -(-height // m) * -(-width // m) >= MIN_TILES:
+            return m
     return 0
 
 
@@ -120,7 +126,7 @@ def conv3x3_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
 
 
 def _forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    m = tile_size(x.shape[1], x.shape[2], x.shape[3], x.dtype)
+    m = tile_size(*x.shape, x.dtype)
     if m == 0 or kernel.dtype != x.dtype:
         return conv3x3_direct(x, kernel)
     return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(conv3x3_winograd, m=m),

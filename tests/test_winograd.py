@@ -39,16 +39,16 @@ def test_winograd_rejects_other_tile_sizes():
 
 
 def test_tile_size_rules():
-    assert tile_size(56, 56, 64, jnp.float32) == 4
-    assert tile_size(28, 40, 8, jnp.float32) == 4
-    assert tile_size(14, 14, 256, jnp.float32) == 2
-    assert tile_size(14, 14, 64, jnp.float32) == 0
-    assert tile_size(7, 7, 512, jnp.float32) == 0
-    assert tile_size(56, 56, 64, jnp.bfloat16) == 0
+    assert tile_size(8, 56, 56, 64, jnp.float32) == 4       # 8 * 14 * 14 tiles of 4x4
+    assert tile_size(8, 14, 14, 256, jnp.float32) == 2      # 8 * 4 * 4 = 128 tiles of 4x4: too few
+    assert tile_size(64, 16, 16, 128, jnp.float32) == 4
+    assert tile_size(8, 7, 7, 512, jnp.float32) == 0
+    assert tile_size(64, 32, 32, 32, jnp.float32) == 0      # too few channels
+    assert tile_size(8, 56, 56, 64, jnp.bfloat16) == 0
 
 
 # (shape, out channels) that select F(4, 3), F(2, 3) and the direct convolution on CPU.
-_CASES = [((2, 29, 28, 3), 4), ((1, 14, 15, 128), 8), ((2, 7, 7, 4), 6)]
+_CASES = [((1, 63, 66, 64), 8), ((6, 17, 14, 64), 96), ((2, 7, 7, 64), 6)]
 
 
 @pytest.mark.parametrize("shape,out_channels", _CASES)
@@ -63,8 +63,13 @@ def test_conv3x3_values_and_gradients_match_direct(shape, out_channels):
         assert _rel_err(got, want) < 2e-5
 
 
+@pytest.mark.parametrize("shape,m", [(case[0], tile_size(*case[0], jnp.float32)) for case in _CASES])
+def test_cases_cover_every_choice(shape, m):
+    assert m == {63: 4, 17: 2, 7: 0}[shape[1]]
+
+
 def test_backend_choice_at_lowering():
-    x, w = _operands((1, 28, 28, 4), 4)
+    x, w = _operands((1, 64, 64, 64), 64)
     traced = jax.jit(jax.grad(lambda x, w: jnp.sum(conv3x3(x, w) ** 2), (0, 1))).trace(x, w)
     cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
     gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
@@ -76,14 +81,14 @@ def test_backend_choice_at_lowering():
 
 
 def test_bfloat16_uses_the_direct_convolution():
-    x, w = _operands((1, 28, 28, 4), 4)
+    x, w = _operands((1, 64, 64, 64), 4)
     text = jax.jit(conv3x3).lower(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
     assert "stablehlo.convolution" in text and "dot_general" not in text
 
 
 def test_flop_count_is_the_direct_convolution():
-    x, w = _operands((1, 28, 28, 4), 8)
-    direct = 28 * 28 * 8 * 9 * 4
+    x, w = _operands((1, 64, 64, 64), 8)
+    direct = 64 * 64 * 8 * 9 * 64
     assert count_macs(conv3x3, x, w) == direct
     grad = jax.grad(lambda x, w: jnp.sum(conv3x3(x, w)), (0, 1))
     assert count_macs(grad, x, w) == 3 * direct
