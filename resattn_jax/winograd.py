@@ -19,7 +19,7 @@ computes, ``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``, and is 
   lowered, so a GPU or TPU compile never sees the CPU branch.
 
 The tile size per shape (:func:`tile_size`) comes from side-by-side forward timings of XLA:CPU
-on a 2-core AMD EPYC (Zen 4), float32 (docs/benchmarks.md). Batch 8: 56x56x64 10.1 -> 5.2 ms
+on a 2-core AMD EPYC (Zen 4), float32 (table in docs/benchmarks.md). Batch 8: 56x56x64 10.1 -> 5.2 ms
 with ``F(4, 3)``, 28x28x128 8.7 -> 4.1 ms, 14x14x256 8.8 -> 5.7 ms with ``F(2, 3)``; 7x7 maps
 (32 or 128 tiles) lose, 7x7x512 9.1 -> 12.1 ms. Batch 64: 16x16x128 24.1 -> 11.4 ms with
 ``F(4, 3)``; fewer than 64 channels lose or break even, 32x32x16 3.2 -> 6.8 ms.
