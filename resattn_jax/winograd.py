@@ -1,7 +1,8 @@
 """3x3 stride-1 convolution with Winograd's minimal filtering on CPU (Lavin & Gray, 2016).
 
-:func:`conv3x3` computes exactly what ``lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))``
-computes, ``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``, and is a drop-in for it:
+:func:`conv3x3` computes the convolution ``lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))``
+computes (equal up to float32 rounding), ``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``,
+and is a drop-in for it:
 
 * On CPU, in float32, on feature maps large enough to pay for the transforms, it runs
   Winograd ``F(m x m, 3 x 3)``: every ``(m + 2) x (m + 2)`` input tile (stride ``m``) is transformed
@@ -17,6 +18,8 @@ computes, ``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``, and is 
   other dtype (Winograd's transforms cost bfloat16 too much precision) and small feature maps get
   the direct convolution. The backend is resolved by ``lax.platform_dependent`` when the step is
   lowered, so a GPU or TPU compile never sees the CPU branch.
+* Like the pooling and up-sampling of :mod:`resattn_jax.resample`, it has a custom VJP:
+  reverse-mode differentiation works to any order, forward mode (``jax.jvp``) does not.
 
 The tile size per shape (:func:`tile_size`) comes from side-by-side forward timings of XLA:CPU
 on a 2-core AMD EPYC (Zen 4), float32 (table in docs/benchmarks.md). Batch 8: 56x56x64 10.1 -> 5.2 ms

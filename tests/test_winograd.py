@@ -104,3 +104,15 @@ def test_module_keeps_nn_conv_parameter_layout():
     y = Conv3x3(5).apply(theirs, x)
     ref = nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)), use_bias=False).apply(theirs, x)
     assert _rel_err(y, ref) < 2e-5
+
+
+def test_second_order_gradient_matches_direct():
+    x, w = _operands((4, 32, 32, 64), 4, seed=3)
+    assert tile_size(*x.shape, x.dtype) == 4
+
+    def grad_norm(conv):
+        return lambda x, w: jnp.sum(jax.grad(lambda x: jnp.sum(conv(x, w) ** 2))(x) ** 2)
+
+    got = jax.grad(grad_norm(conv3x3), 1)(x, w)
+    want = jax.grad(grad_norm(conv3x3_direct), 1)(x, w)
+    assert _rel_err(got, want) < 1e-4
