@@ -5,7 +5,8 @@
         [--steps 10] [--warmup 2] [--input synthetic|pipeline] [--peak-tflops X] [--json]
 
 Method: the step (train: forward, backward and the SGD-Nesterov update of ``train_lib``; eval: the
-forward pass in evaluation mode) is compiled once, ahead of time, and the compile time reported
+library's evaluation step, ``train_lib.make_eval_step``: the forward pass in evaluation mode and
+the masked loss / top-1 / top-5 sums, the state neither donated nor returned) is compiled once, ahead of time, and the compile time reported
 separately; ``--warmup`` steps run untimed; then each of ``--steps`` steps is timed on its own,
 blocking on its result. ``--input synthetic`` keeps one batch on the devices; ``--input pipeline``
 feeds every step from the real input pipeline (in-memory digits, resized as asked), so the figure
@@ -135,8 +136,8 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
         state = train_lib.create_train_state(net, optimizer, image_shape, 0, mesh)
         if mode == "train":
             step = parallel.compile_step(train_lib.make_train_step(schedule, axis), parallel_mode, mesh)
-        else:
-            step = parallel.compile_step(_eval_forward(axis), parallel_mode, mesh, donate=False)
+        else:  # the library's evaluation step: masked loss / top-1 / top-5 sums, no state returned
+            step = parallel.compile_eval_step(train_lib.make_eval_step(axis), parallel_mode, mesh)
         if input_kind == "synthetic":
             batches = _synthetic_batches(batch_size, image_shape, num_classes, mesh)
         else:
@@ -152,7 +153,7 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
         # The traced step on the global batch (the 'jit' form: per-device steps compute the same
         # math), without remat: model FLOPs, recomputation not counted (the usual MFU convention).
         global_state = state.replace(apply_fn=net.clone(bn_axis_name=None, remat=False).apply)
-        traced = train_lib.make_train_step(schedule) if mode == "train" else _eval_forward(None)
+        traced = train_lib.make_train_step(schedule) if mode == "train" else train_lib.make_eval_step()
         figures["flops_per_step"] = 2.0 * count_macs(traced, global_state, first)
         figures["flops_source"] = "2 x conv/matmul multiply-adds of the traced step (remat recomputation not counted)"
         macs = model_macs(net, jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, *image_shape)))),
@@ -161,7 +162,10 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
         current = {"state": state, "batch": first}
 
         def run_one():
-            current["state"], out = compiled(current["state"], current["batch"])
+            if mode == "train":
+                current["state"], out = compiled(current["state"], current["batch"])
+            else:
+                out = compiled(current["state"], current["batch"])
             jax.block_until_ready(out)
             if input_kind == "pipeline":
                 current["batch"] = next(batches)
@@ -184,20 +188,8 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
         "peak_tflops_per_device": peak, "mfu": achieved / peak_total if achieved and peak_total else None,
         "peak_memory_bytes": _peak_memory(devices), "device_kind": device_kind, "num_devices": len(devices),
         "backend": jax.default_backend(), "jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__,
-        "compiler_options": parallel.compiler_options(devices),
+        "compiler_options": parallel.compiler_options(devices, "train" if mode == "train" else "eval"),
     }
-
-
-def _eval_forward(axis: str | None):
-    """``(state, batch) -> (state, {'logits_sum'})``: the evaluation-mode forward pass."""
-
-    def forward(state, batch):
-        logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
-                                train=False)
-        total = jnp.sum(logits)
-        return state, {"logits_sum": jax.lax.pmean(total, axis) if axis else total}
-
-    return forward
 
 
 def _synthetic_batches(batch_size: int, image_shape, num_classes: int, mesh):
@@ -207,8 +199,9 @@ def _synthetic_batches(batch_size: int, image_shape, num_classes: int, mesh):
         jax.random.key(0))
     labels = jax.jit(lambda k: jax.random.randint(k, (batch_size,), 0, num_classes), out_shardings=sharding)(
         jax.random.key(1))
+    mask = jax.device_put(np.ones((batch_size,), bool), sharding)
     while True:
-        yield {"image": images, "label": labels}
+        yield {"image": images, "label": labels, "mask": mask}
 
 
 def _pipeline_batches(dataset: str, batch_size: int, image_shape, num_classes: int, mesh):
@@ -227,7 +220,8 @@ def _pipeline_batches(dataset: str, batch_size: int, image_shape, num_classes: i
             reps = (1, -(-size // images.shape[1]), -(-size // images.shape[2]),
                     -(-image_shape[2] // images.shape[3]))
             images = np.tile(images, reps)[:, :size, :size, : image_shape[2]]
-        yield parallel.shard_batch({"image": images, "label": batch["label"] % num_classes}, mesh)
+        yield parallel.shard_batch({"image": images, "label": batch["label"] % num_classes,
+                                    "mask": np.ones(len(images), bool)}, mesh)
 
 
 def _format(result: dict) -> str:

@@ -145,8 +145,11 @@ def make_train_step(schedule: optax.Schedule,
     return step
 
 
-def make_eval_step() -> Callable[[TrainState, dict], dict]:
-    """``eval_step(state, batch) -> sums``: masked sums of loss, top-1 and top-5 hits, and count."""
+def make_eval_step(axis_name: str | None = None) -> Callable[[TrainState, dict], dict]:
+    """``eval_step(state, batch) -> sums``: masked sums of loss, top-1 and top-5 hits, and count.
+
+    With ``axis_name`` (per-device ``shard_map`` steps) the sums are summed over that axis.
+    """
 
     def eval_step(state: TrainState, batch: dict) -> dict:
         logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
@@ -157,8 +160,9 @@ def make_eval_step() -> Callable[[TrainState, dict], dict]:
         top_k = jax.lax.top_k(logits, k)[1]
         hit5 = jnp.any(top_k == batch["label"][:, None], axis=-1)
         hit1 = jnp.argmax(logits, -1) == batch["label"]
-        return {"loss": jnp.sum(loss * mask), "top1": jnp.sum(hit1 * mask), "top5": jnp.sum(hit5 * mask),
+        sums = {"loss": jnp.sum(loss * mask), "top1": jnp.sum(hit1 * mask), "top5": jnp.sum(hit5 * mask),
                 "count": jnp.sum(mask)}
+        return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
 
     return eval_step
 
@@ -299,8 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = create_train_state(model, optimizer, info.image_shape, config.seed, mesh)
     axis = parallel.AXIS if config.parallel == "pmap" else None
     train_step = parallel.compile_step(make_train_step(schedule, axis), config.parallel, mesh)
-    eval_step = jax.jit(make_eval_step(), in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                        compiler_options=parallel.compiler_options(mesh))
+    eval_step = parallel.compile_eval_step(make_eval_step(), "jit", mesh)
 
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
     meta = {"step": 0, "best_step": None, "best_validation_accuracy": None}

@@ -100,6 +100,13 @@ def test_cpu_steps_compile_convolutions_on_the_eigen_path(monkeypatch):
     x, w = jnp.ones((1, 32, 32, 64)), jnp.ones((3, 3, 64, 64))
     assert "__ynn_fusion" in jax.jit(_conv).lower(x, w).compile().as_text()
     assert "__ynn_fusion" not in jax.jit(_conv, compiler_options=options).lower(x, w).compile().as_text()
+    # Training steps also hand their matrix products to YNNPACK; convolutions stay on Eigen.
+    train = parallel.compiler_options(kind="train")
+    assert train["xla_cpu_experimental_ynn_fusion_type"].split(",") == ["LIBRARY_FUSION_TYPE_REDUCE",
+                                                                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"]
+    assert "__ynn_fusion" not in jax.jit(_conv, compiler_options=train).lower(x, w).compile().as_text()
+    with pytest.raises(ValueError, match="unknown step kind"):
+        parallel.compiler_options(kind="infer")
     monkeypatch.setenv("RESATTN_JAX_XLA_DEFAULTS", "1")
     parallel._supported_options.cache_clear()
     try:
