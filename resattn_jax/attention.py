@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from resattn_jax.batchnorm import norm_relu
 from resattn_jax.resample import max_pool_3x3s2, upsample_bilinear
 from resattn_jax.units import conv
 
@@ -103,10 +104,10 @@ class SoftMaskBranch(nn.Module):
         conv1 = conv(c, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="head_conv1")
         conv2 = conv(c, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="head_conv2")
         if self.preactivation:
-            y = conv1(nn.relu(self.norm(name="head_bn1")(y)))
-            y = conv2(nn.relu(self.norm(name="head_bn2")(y)))
+            y = conv1(norm_relu(self.norm, "head_bn1")(y))
+            y = conv2(norm_relu(self.norm, "head_bn2")(y))
         else:
-            y = conv2(nn.relu(self.norm(name="head_bn1")(conv1(y))))
+            y = conv2(norm_relu(self.norm, "head_bn1")(conv1(y)))
         return y
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from resattn_jax.attention import ACTIVATIONS, LEARNING, AttentionModule
+from resattn_jax.batchnorm import BatchNorm, norm_relu
 from resattn_jax.resample import max_pool_3x3s2, pooled_size
 from resattn_jax.units import UNITS, conv
 
@@ -139,7 +140,7 @@ class ResidualAttentionNet(nn.Module):
         self._check_input(x)
         unit_cls = UNITS[self.unit]
         preact = unit_cls.preactivation
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name)
         if self.remat:
             unit_cls = nn.remat(unit_cls)
@@ -148,12 +149,12 @@ class ResidualAttentionNet(nn.Module):
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
             x = conv(self.stem_width, 7, 2, dtype=self.dtype, param_dtype=self.param_dtype, name="stem_conv")(x)
-            x = nn.relu(norm(name="stem_bn")(x))
+            x = norm_relu(norm, "stem_bn")(x)
             x = max_pool_3x3s2(x)
         else:
             x = conv(self.stem_width, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="stem_conv")(x)
             if not preact:
-                x = nn.relu(norm(name="stem_bn")(x))
+                x = norm_relu(norm, "stem_bn")(x)
 
         for s, (width, modules, pools, stride) in enumerate(
                 zip(self.stage_widths, self.modules_per_stage, self.mask_pools, self.stage_strides), start=1):
@@ -168,7 +169,7 @@ class ResidualAttentionNet(nn.Module):
         for i in range(self.final_units):
             x = unit(self.final_width, strides=self.final_stride if i == 0 else 1, name=f"final_unit{i}")(x)
         if preact:
-            x = nn.relu(norm(name="final_bn")(x))
+            x = norm_relu(norm, "final_bn")(x)
         self.sow("intermediates", "final", x)
         x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(self.dtype)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="classifier")(x)

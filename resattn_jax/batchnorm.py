@@ -1,0 +1,168 @@
+"""Batch normalisation over the channel axis, optionally fused with the ReLU that follows it.
+
+:class:`BatchNorm` is a drop-in for ``flax.linen.BatchNorm(axis=-1)`` as this library uses it:
+the same variables (``params``: ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``, float32),
+the same statistics (``E[x^2] - E[x]^2`` clipped at 0, in float32, averaged over ``axis_name``
+in per-device steps), the same running-average update and the same output dtype, so checkpoints
+and parameter counts are unchanged. ``relu=True`` returns ``relu(BN(x))``.
+
+What differs is the backward pass of a training-mode call. Autodiff of the textbook formula
+materialises ``x - mean``, the ReLU's masked gradient and a product for the gradient of the
+variance, and reduces each on its own: about 14 passes over the activation per layer. The
+hand-written VJP here does it in 7: two reductions that read ``(dy, x)`` each, with the ReLU's
+mask folded in as ``dy * sign(relu(z))`` (which XLA:CPU's reduction kernels fuse), and one
+elementwise pass for ``dx``::
+
+    z = (x - mean) * rstd * scale + bias,   y = relu(z)
+    dz = dy * [z > 0]
+    dbias  = sum(dz),   dscale = sum(dz * (x - mean)) * rstd
+    dx = scale * rstd * (dz - dbias / M - (x - mean) * rstd * dscale / M)
+
+with the sums over the batch and spatial axes (and over ``axis_name`` in per-device steps) and
+``M`` their global element count. Only ``x`` and per-channel vectors are kept for the backward
+pass. The statistics returned for the running averages carry no gradient (as in Flax, where the
+loss never depends on them). Reverse-mode only (``jax.grad``, ``jax.vjp``), like the other
+custom-VJP layers of this library.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+__all__ = ["BatchNorm", "batch_norm_train", "norm_relu"]
+
+Dtype = Any
+
+
+def _sum(x: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> jax.Array:
+    total = jnp.sum(x, axes)
+    return jax.lax.psum(total, axis_name) if axis_name is not None else total
+
+
+def _count(x: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> float:
+    count = 1
+    for a in axes:
+        count *= x.shape[a]
+    return count * (jax.lax.psum(1, axis_name) if axis_name is not None else 1)
+
+
+def _statistics(x: jax.Array, axes, axis_name):
+    """float32 ``(mean, var)`` per channel, Flax's fast variance ``E[x^2] - E[x]^2`` clipped at 0."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if axis_name is None:
+        mean, mean2 = jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)
+    else:  # one collective for both, as Flax does
+        mean, mean2 = jax.lax.pmean(jnp.stack([jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)]), axis_name)
+    return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool,
+                     axis_name: str | None, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm over all but the last axis: ``(y, mean, var)``.
+
+    ``x: [..., C]`` (any float dtype), ``scale, bias: [C]``; ``y = BN(x)`` (``relu(BN(x))`` with
+    ``relu``) in ``dtype``; ``mean, var: [C]`` float32 batch statistics (no gradient flows
+    through them).
+    """
+    y, mean, var, _ = _forward(x, scale, bias, epsilon, relu, axis_name, dtype)
+    return y, mean, var
+
+
+def _forward(x, scale, bias, epsilon, relu, axis_name, dtype):
+    axes = tuple(range(x.ndim - 1))
+    mean, var = _statistics(x, axes, axis_name)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    mul = rstd * scale.astype(jnp.float32)
+    z = (x.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32)
+    y = jnp.maximum(z, 0.0) if relu else z
+    return y.astype(dtype), mean, var, rstd
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, relu, axis_name, dtype):
+    y, mean, var, rstd = _forward(x, scale, bias, epsilon, relu, axis_name, dtype)
+    return (y, mean, var), (x, scale, bias, mean, rstd)
+
+
+def _batch_norm_bwd(epsilon, relu, axis_name, dtype, residuals, cotangents):
+    x, scale, bias, mean, rstd = residuals
+    dy = cotangents[0].astype(jnp.float32)  # the statistics' cotangents are zero (see docstring)
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    scale32 = scale.astype(jnp.float32)
+    centred = x32 - mean
+    if relu:
+        # sign(relu(z)) is the ReLU's derivative (0 or 1) as arithmetic, which the reduction
+        # kernels fuse; the elementwise pass below uses the plain select.
+        z = centred * (rstd * scale32) + bias.astype(jnp.float32)
+        mask = jnp.sign(jnp.maximum(z, 0.0))
+        dbias = _sum(dy * mask, axes, axis_name)
+        dscale_raw = _sum(dy * mask * centred, axes, axis_name)
+        dz = jnp.where(z > 0, dy, 0.0)
+    else:
+        dbias = _sum(dy, axes, axis_name)
+        dscale_raw = _sum(dy * centred, axes, axis_name)
+        dz = dy
+    count = _count(x, axes, axis_name)
+    dscale = dscale_raw * rstd
+    dx = (scale32 * rstd) * (dz - dbias / count - centred * (rstd * rstd * dscale_raw / count))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+    """Batch norm over the last (channel) axis, ``[..., C] -> [..., C]``; see the module docstring.
+
+    Fields as ``flax.linen.BatchNorm``: ``use_running_average`` (evaluation mode: the stored
+    statistics), ``momentum`` of the running averages, ``epsilon``, ``dtype`` of the output
+    (default: that of ``x`` promoted with the parameters'), ``param_dtype``, ``axis_name`` (the
+    device axis of per-device steps, over which the batch statistics are averaged). ``relu``
+    applies a ReLU to the output, fused into the backward pass.
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    relu: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale, bias)
+        if use_running_average:
+            mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+            y = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
+            return (jnp.maximum(y, 0.0) if self.relu else y).astype(dtype)
+        axis_name = None if self.is_initializing() else self.axis_name
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.relu, axis_name, dtype)
+        mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
+def norm_relu(norm: Any, name: str):
+    """The layer ``x -> relu(norm(x))`` named ``name``: :class:`BatchNorm` with ``relu=True`` (fused)
+    where ``norm`` (a module class or ``functools.partial`` of one) takes a ``relu`` field, else
+    ``norm`` followed by ``nn.relu`` (e.g. ``flax.linen.BatchNorm``). Call it inside ``nn.compact``."""
+    cls = norm.func if isinstance(norm, functools.partial) else norm
+    if "relu" in getattr(cls, "__dataclass_fields__", {}):
+        return norm(name=name, relu=True)
+    layer = norm(name=name)
+    return lambda x: nn.relu(layer(x))

@@ -1,0 +1,144 @@
+"""resattn_jax.batchnorm.BatchNorm against flax.linen.BatchNorm: variables, values, statistics, gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from resattn_jax.batchnorm import BatchNorm, norm_relu
+
+SHAPE = (4, 6, 5, 8)
+
+
+class _FlaxReference(nn.Module):
+    """flax.linen.BatchNorm (+ nn.relu): the semantics ours must reproduce."""
+
+    relu: bool
+    train: bool
+    axis_name: str | None = None
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                         axis_name=self.axis_name, name="bn")(x)
+        return nn.relu(y) if self.relu else y
+
+
+class _Ours(nn.Module):
+    relu: bool
+    train: bool
+    axis_name: str | None = None
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        return BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                         axis_name=self.axis_name, relu=self.relu, name="bn")(x)
+
+
+def _data(seed=0, shape=SHAPE):
+    kx, kg, ks, kb, km, kv = jax.random.split(jax.random.key(seed), 6)
+    x = 3.0 * jax.random.normal(kx, shape) + 0.7  # off-centre, not unit variance
+    g = jax.random.normal(kg, shape)
+    c = shape[-1]
+    variables = {"params": {"bn": {"scale": 1 + 0.5 * jax.random.normal(ks, (c,)), "bias": jax.random.normal(kb, (c,))}},
+                 "batch_stats": {"bn": {"mean": jax.random.normal(km, (c,)),
+                                        "var": 1 + jax.random.uniform(kv, (c,))}}}
+    return x, g, variables
+
+
+def _apply_and_grad(module, variables, x, g):
+    def loss(params, x):
+        y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                  mutable=["batch_stats"])
+        return jnp.sum(y.astype(jnp.float32) * g), (y, updates["batch_stats"])
+
+    (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+    return y, stats, grads
+
+
+def test_same_variables_as_flax():
+    x = jnp.ones(SHAPE)
+    ours = _Ours(relu=True, train=True).init(jax.random.key(0), x)
+    theirs = _FlaxReference(relu=True, train=True).init(jax.random.key(0), x)
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), ours)
+    assert shapes == jax.tree.map(lambda a: (a.shape, a.dtype), theirs)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_training_mode_matches_flax(relu):
+    x, g, variables = _data()
+    y, stats, (dparams, dx) = _apply_and_grad(_Ours(relu, True), variables, x, g)
+    y_ref, stats_ref, (dparams_ref, dx_ref) = _apply_and_grad(_FlaxReference(relu, True), variables, x, g)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), stats, stats_ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), dparams, dparams_ref)
+    if relu:
+        assert float(jnp.mean(y == 0)) > 0.2  # the ReLU's mask is exercised
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_evaluation_mode_matches_flax(relu):
+    x, _, variables = _data(1)
+    y = _Ours(relu, False).apply(variables, x)
+    y_ref = _FlaxReference(relu, False).apply(variables, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_output_with_float32_statistics():
+    x, g, variables = _data(2)
+    x = x.astype(jnp.bfloat16)
+    y, stats, (_, dx) = _apply_and_grad(_Ours(True, True, dtype=jnp.bfloat16), variables, x, g)
+    y_ref, stats_ref, (_, dx_ref) = _apply_and_grad(_FlaxReference(True, True, dtype=jnp.bfloat16), variables, x, g)
+    assert y.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
+    assert jax.tree.map(lambda a: a.dtype, stats) == jax.tree.map(lambda a: jnp.dtype(jnp.float32), stats)
+    np.testing.assert_allclose(y.astype(jnp.float32), y_ref.astype(jnp.float32), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(dx.astype(jnp.float32), dx_ref.astype(jnp.float32), rtol=5e-2, atol=5e-2)
+
+
+def test_per_device_statistics_and_gradients_match_flax():
+    """Under shard_map the statistics and the backward sums run over the device axis, as Flax's."""
+    devices = jax.devices()[:4]
+    mesh = Mesh(np.array(devices), ("data",))
+    x, g, variables = _data(3, (8, 6, 5, 8))
+
+    def per_device(module):
+        def f(params, stats, x, g):
+            def loss(params, x):
+                y, updates = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+                return jax.lax.psum(jnp.sum(y * g), "data"), updates["batch_stats"]
+            (_, new_stats), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+            return new_stats, grads
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+                                     out_specs=(P(), (P(), P("data")))))
+
+    args = (variables["params"], variables["batch_stats"], x, g)
+    ours = per_device(_Ours(True, True, axis_name="data"))(*args)
+    theirs = per_device(_FlaxReference(True, True, axis_name="data"))(*args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ours, theirs)
+    # ... and equal the single-device computation on the whole batch.
+    whole = _apply_and_grad(_Ours(True, True), variables, x, g)
+    np.testing.assert_allclose(ours[1][1], whole[2][1], rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ours[0], whole[1])
+
+
+def test_norm_relu_falls_back_to_a_separate_relu_for_other_norms():
+    class Net(nn.Module):
+        norm: object
+
+        @nn.compact
+        def __call__(self, x):
+            return norm_relu(self.norm, "bn")(x)
+
+    x, _, variables = _data(4)
+    theirs = Net(functools.partial(nn.BatchNorm, use_running_average=True, epsilon=1e-5)).apply(variables, x)
+    ours = Net(functools.partial(BatchNorm, use_running_average=True, epsilon=1e-5)).apply(variables, x)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert float(jnp.min(theirs)) == 0.0
