@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resattn_jax import cpu_blas
+
 __all__ = ["EXPORTED_FILE", "METADATA_FILE", "PLATFORMS", "SAVED_MODEL_DIR", "export_inference", "load_exported",
            "load_saved_model", "main", "save_export", "write_saved_model"]
 
@@ -52,7 +54,9 @@ def export_inference(trained: Any, platforms: Sequence[str] = PLATFORMS) -> jax.
 
     batch, = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *trained.info.eval_image_shape), jnp.float32)
-    return jax.export.export(jax.jit(infer), platforms=tuple(platforms))(images)
+    # Plain StableHLO only: the OpenBLAS custom calls exist in this process, not where it is loaded.
+    with cpu_blas.disabled():
+        return jax.export.export(jax.jit(infer), platforms=tuple(platforms))(images)
 
 
 def _tensorflow():

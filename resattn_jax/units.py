@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from resattn_jax import cpu_blas
+from resattn_jax.batchnorm import norm_relu
 from resattn_jax.winograd import conv3x3
 
 __all__ = [
@@ -42,6 +44,39 @@ Dtype = Any
 
 # He / MSRA initialisation, as the Caffe ResNet prototxts use.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+_TN = (((0,), (0,)), ((), ()))
+
+
+def _weight_gradient(rows: jax.Array, dy: jax.Array) -> jax.Array:
+    """``rows^T dy``, ``[M, C_in] x [M, C_out] -> [C_in, C_out]``: through OpenBLAS on CPU in float32
+    (:mod:`resattn_jax.cpu_blas`; XLA:CPU's kernel runs this shape at half speed), else XLA's."""
+    def xla(rows, dy):
+        return jax.lax.dot_general(rows, dy, _TN)
+    if rows.dtype != jnp.float32 or dy.dtype != jnp.float32 or not cpu_blas.available():
+        return xla(rows, dy)
+    return jax.lax.platform_dependent(rows, dy, cpu=cpu_blas.matmul_tn, default=xla)
+
+
+@jax.custom_vjp
+def _matmul(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``rows @ kernel``, ``[M, C_in] x [C_in, C_out] -> [M, C_out]``, with the weight gradient of
+    :func:`_weight_gradient` (reverse mode only)."""
+    return jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())))
+
+
+def _matmul_fwd(rows, kernel):
+    return _matmul(rows, kernel), (rows, kernel)
+
+
+def _matmul_bwd(residuals, dy):
+    rows, kernel = residuals
+    # Inside shard_map a replicated kernel's cotangent is the sum over devices.
+    return jax.lax.dot_general(dy, kernel, (((1,), (1,)), ((), ()))), cpu_blas.sum_like(_weight_gradient(rows, dy), kernel)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Conv1x1(nn.Module):
@@ -67,7 +102,7 @@ class Conv1x1(nn.Module):
         # batch and spatial axes flattened, XLA runs the weight gradient ``x^T dy`` as one matrix
         # product instead of canonicalising three contracting axes through a transposed copy.
         rows = x.reshape(-1, x.shape[-1])
-        y = jax.lax.dot_general(rows, kernel[0, 0], (((1,), (0,)), ((), ())))
+        y = _matmul(rows, kernel[0, 0])
         return y.reshape(*x.shape[:-1], self.features)
 
 
@@ -133,11 +168,11 @@ class PreActBottleneck(_Unit):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         bottleneck = self.features // 4
-        pre = nn.relu(self.norm(name="bn1")(x))
+        pre = norm_relu(self.norm, "bn1")(x)
         y = self._conv(bottleneck, 1, name="conv1")(pre)
-        y = nn.relu(self.norm(name="bn2")(y))
+        y = norm_relu(self.norm, "bn2")(y)
         y = self._conv(bottleneck, 3, self.strides, name="conv2")(y)
-        y = nn.relu(self.norm(name="bn3")(y))
+        y = norm_relu(self.norm, "bn3")(y)
         y = self._conv(self.features, 1, name="conv3")(y)
         shortcut = self._conv(self.features, 1, self.strides, name="projection")(pre) if self._needs_projection(x) else x
         return y + shortcut
@@ -158,8 +193,8 @@ class ResNeXtBottleneck(_Unit):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = self.features // 2
-        y = nn.relu(self.norm(name="bn1")(self._conv(width, 1, name="conv1")(x)))
-        y = nn.relu(self.norm(name="bn2")(self._conv(width, 3, self.strides, self.groups, name="conv2")(y)))
+        y = norm_relu(self.norm, "bn1")(self._conv(width, 1, name="conv1")(x))
+        y = norm_relu(self.norm, "bn2")(self._conv(width, 3, self.strides, self.groups, name="conv2")(y))
         y = self.norm(name="bn3")(self._conv(self.features, 1, name="conv3")(y))
         if self._needs_projection(x):
             x = self.norm(name="projection_bn")(self._conv(self.features, 1, self.strides, name="projection")(x))
@@ -187,15 +222,15 @@ class InceptionResidual(_Unit):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         branch = self.features // 8
-        pre = nn.relu(self.norm(name="bn_in")(x))
+        pre = norm_relu(self.norm, "bn_in")(x)
         a = self._conv(branch, 1, self.strides, name="branch1x1")(pre)
         b = self._conv(branch, 1, name="branch3x3_reduce")(pre)
-        b = self._conv(branch, 3, self.strides, name="branch3x3")(nn.relu(self.norm(name="bn_b")(b)))
+        b = self._conv(branch, 3, self.strides, name="branch3x3")(norm_relu(self.norm, "bn_b")(b))
         c = self._conv(branch, 1, name="branch5x5_reduce")(pre)
-        c = self._conv(branch, 3, name="branch5x5_a")(nn.relu(self.norm(name="bn_c1")(c)))
-        c = self._conv(branch, 3, self.strides, name="branch5x5_b")(nn.relu(self.norm(name="bn_c2")(c)))
+        c = self._conv(branch, 3, name="branch5x5_a")(norm_relu(self.norm, "bn_c1")(c))
+        c = self._conv(branch, 3, self.strides, name="branch5x5_b")(norm_relu(self.norm, "bn_c2")(c))
         y = jnp.concatenate([a, b, c], axis=-1)
-        y = self._conv(self.features, 1, name="expand")(nn.relu(self.norm(name="bn_cat")(y)))
+        y = self._conv(self.features, 1, name="expand")(norm_relu(self.norm, "bn_cat")(y))
         shortcut = self._conv(self.features, 1, self.strides, name="projection")(pre) if self._needs_projection(x) else x
         return y + shortcut
 

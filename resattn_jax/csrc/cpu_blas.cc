@@ -1,0 +1,111 @@
+// XLA FFI custom calls (CPU, float32) for the matrix products XLA:CPU's own kernels run slowly:
+// the weight gradient of a 1x1 convolution (a^T b, contracting over the long batch-spatial axis)
+// and Winograd's batched products of small matrices. Each product runs through single-threaded
+// OpenBLAS sgemm calls spread over XLA's intra-op thread pool, so that the library adds no
+// threads of its own. Built and loaded by resattn_jax/cpu_blas.py.
+
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// cblas_sgemm with 64-bit integers (OpenBLAS ILP64), row-major.
+using Sgemm = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                       const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                       int64_t ldc);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+Sgemm sgemm = nullptr;
+
+// Runs `tasks` independent pieces of work on the calling thread and on up to `threads - 1` pool
+// workers. Pieces are claimed from a shared counter, so the caller never waits for a worker that
+// has not started (a busy pool only means the caller does more pieces itself).
+template <typename Piece>
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, Piece piece) {
+  struct State {
+    explicit State(Piece p, int64_t n) : piece(std::move(p)), tasks(n) {}
+    Piece piece;
+    int64_t tasks;
+    std::atomic<int64_t> next{0}, done{0};
+    void Run() {
+      for (int64_t i; (i = next.fetch_add(1)) < tasks;) {
+        piece(i);
+        done.fetch_add(1);
+      }
+    }
+  };
+  auto state = std::make_shared<State>(std::move(piece), tasks);
+  int64_t workers = pool.num_threads();
+  for (int64_t t = 1; t < workers && t < tasks; ++t) pool.Schedule([state] { state->Run(); });
+  state->Run();
+  while (state->done.load() < tasks) std::this_thread::yield();
+}
+
+int64_t Threads(ffi::ThreadPool& pool) { return pool.num_threads() > 0 ? pool.num_threads() : 1; }
+
+// out[K, N] = a[M, K]^T b[M, N]; split over the longer of K and N (no partial sums).
+ffi::Error MatmulTn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                    ffi::ResultBuffer<ffi::F32> out) {
+  if (a.dimensions().size() != 2 || b.dimensions().size() != 2 || a.dimensions()[0] != b.dimensions()[0])
+    return ffi::Error::InvalidArgument("resattn_matmul_tn: expected a [M, K] and b [M, N]");
+  const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = b.dimensions()[1];
+  const float *pa = a.typed_data(), *pb = b.typed_data();
+  float* pc = out->typed_data();
+  const bool split_n = n >= k;
+  const int64_t pieces = Threads(pool), total = split_n ? n : k;
+  ParallelFor(pool, pieces, [=](int64_t i) {
+    const int64_t lo = total * i / pieces, hi = total * (i + 1) / pieces;
+    if (hi == lo) return;
+    if (split_n)
+      sgemm(kRowMajor, kTrans, kNoTrans, k, hi - lo, m, 1.0f, pa, k, pb + lo, n, 0.0f, pc + lo, n);
+    else
+      sgemm(kRowMajor, kTrans, kNoTrans, hi - lo, n, m, 1.0f, pa + lo, k, pb, n, 0.0f, pc + lo * n, n);
+  });
+  return ffi::Error::Success();
+}
+
+// out[i] = a[i] @ b[i] for a [B, T, K], b [B, K, N]; one product per piece.
+ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  if (a.dimensions().size() != 3 || b.dimensions().size() != 3 || a.dimensions()[0] != b.dimensions()[0] ||
+      a.dimensions()[2] != b.dimensions()[1])
+    return ffi::Error::InvalidArgument("resattn_batched_matmul: expected a [B, T, K] and b [B, K, N]");
+  const int64_t batch = a.dimensions()[0], t = a.dimensions()[1], k = a.dimensions()[2], n = b.dimensions()[2];
+  const float *pa = a.typed_data(), *pb = b.typed_data();
+  float* pc = out->typed_data();
+  ParallelFor(pool, batch, [=](int64_t i) {
+    sgemm(kRowMajor, kNoTrans, kNoTrans, t, n, k, 1.0f, pa + i * t * k, k, pb + i * k * n, n, 0.0f, pc + i * t * n, n);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Resolves `symbol` (an ILP64 cblas_sgemm) in the shared library at `path`; 0 on success.
+extern "C" int resattn_cpu_blas_load(const char* path, const char* symbol) {
+  void* handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr) return 1;
+  sgemm = reinterpret_cast<Sgemm>(dlsym(handle, symbol));
+  return sgemm == nullptr ? 2 : 0;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResattnMatmulTn, MatmulTn,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResattnBatchedMatmul, BatchedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
