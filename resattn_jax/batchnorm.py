@@ -8,10 +8,11 @@ and parameter counts are unchanged. ``relu=True`` returns ``relu(BN(x))``.
 
 What differs is the backward pass of a training-mode call. Autodiff of the textbook formula
 materialises ``x - mean``, the ReLU's masked gradient and a product for the gradient of the
-variance, and reduces each on its own: about 14 passes over the activation per layer. The
-hand-written VJP here does it in 7: two reductions that read ``(dy, x)`` each, with the ReLU's
-mask folded in as ``dy * sign(relu(z))`` (which XLA:CPU's reduction kernels fuse), and one
-elementwise pass for ``dx``::
+variance, and reduces each on its own (about 14 passes over the activation per layer in the
+compiled CPU step). The hand-written VJP asks for fewer: two reductions that read ``(dy, x)``,
+with the ReLU's mask folded in as ``dy * sign(relu(z))``, and one elementwise pass for ``dx``.
+XLA still materialises some of the intermediates (about 11 passes per layer in the compiled
+Attention-56 step); measured, the train step is about 2 % faster than with Flax's BatchNorm::
 
     z = (x - mean) * rstd * scale + bias,   y = relu(z)
     dz = dy * [z > 0]
