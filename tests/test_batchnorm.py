@@ -15,31 +15,27 @@ from resattn_jax.batchnorm import BatchNorm, norm_relu
 SHAPE = (4, 6, 5, 8)
 
 
-class _FlaxReference(nn.Module):
-    """flax.linen.BatchNorm (+ nn.relu): the semantics ours must reproduce."""
+class _Norm(nn.Module):
+    """Ours (``ours=True``) or flax.linen.BatchNorm + nn.relu, the semantics ours must reproduce."""
 
     relu: bool
     train: bool
     axis_name: str | None = None
     dtype: object = None
+    ours: bool = True
 
     @nn.compact
     def __call__(self, x):
-        y = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                         axis_name=self.axis_name, name="bn")(x)
+        common = dict(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                      axis_name=self.axis_name, name="bn")
+        if self.ours:
+            return BatchNorm(relu=self.relu, **common)(x)
+        y = nn.BatchNorm(**common)(x)
         return nn.relu(y) if self.relu else y
 
 
-class _Ours(nn.Module):
-    relu: bool
-    train: bool
-    axis_name: str | None = None
-    dtype: object = None
-
-    @nn.compact
-    def __call__(self, x):
-        return BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                         axis_name=self.axis_name, relu=self.relu, name="bn")(x)
+_Ours = functools.partial(_Norm, ours=True)
+_FlaxReference = functools.partial(_Norm, ours=False)
 
 
 def _data(seed=0, shape=SHAPE):

@@ -96,16 +96,10 @@ extern "C" int resattn_cpu_blas_load(const char* path, const char* symbol) {
   return sgemm == nullptr ? 2 : 0;
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResattnMatmulTn, MatmulTn,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Both custom calls: XLA's thread pool, two float32 operands, one float32 result.
+static auto Product() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResattnBatchedMatmul, BatchedMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResattnMatmulTn, MatmulTn, Product());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResattnBatchedMatmul, BatchedMatmul, Product());
