@@ -35,14 +35,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from resattn_jax import cpu_blas
+
 __all__ = ["BatchNorm", "batch_norm_train", "norm_relu"]
 
 Dtype = Any
-
-
-def _sum(x: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> jax.Array:
-    total = jnp.sum(x, axes)
-    return jax.lax.psum(total, axis_name) if axis_name is not None else total
 
 
 def _count(x: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> float:
@@ -52,13 +49,45 @@ def _count(x: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> float:
     return count * (jax.lax.psum(1, axis_name) if axis_name is not None else 1)
 
 
+def _native(*operands) -> bool:
+    return all(x.dtype == jnp.float32 for x in operands) and cpu_blas.available()
+
+
+def _row_sums(x: jax.Array) -> jax.Array:
+    """``[sum(x), sum(x^2)]`` over all but the channel axis, ``[..., C] -> [2, C]`` (one pass on CPU)."""
+    rows = x.reshape(-1, x.shape[-1])
+    xla = lambda r: jnp.stack([jnp.sum(r, 0), jnp.sum(jnp.square(r), 0)])  # noqa: E731
+    if not _native(rows):
+        return xla(rows)
+    return jax.lax.platform_dependent(rows, cpu=cpu_blas.bn_sums, default=xla)
+
+
+def _grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
+    """``[sum(dz), sum(dz * (x - mean))]`` over all but the channel axis, ``dz`` the ReLU-masked
+    ``dy`` (``relu``): ``[2, C]`` (one pass on CPU)."""
+    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+
+    def xla(dy, x, mean, mul, bias):
+        centred = x - mean
+        if relu:
+            # sign(relu(z)) is the ReLU's derivative (0 or 1) as arithmetic, which XLA's
+            # reduction kernels fuse.
+            dy = dy * jnp.sign(jnp.maximum(centred * mul + bias, 0.0))
+        return jnp.stack([jnp.sum(dy, 0), jnp.sum(dy * centred, 0)])
+    if not _native(dy, x):
+        return xla(dy, x, mean, mul, bias)
+    return jax.lax.platform_dependent(dy, x, mean, mul, bias, default=xla,
+                                      cpu=functools.partial(cpu_blas.bn_grad_sums, relu=relu))
+
+
 def _statistics(x: jax.Array, axes, axis_name):
     """float32 ``(mean, var)`` per channel, Flax's fast variance ``E[x^2] - E[x]^2`` clipped at 0."""
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    if axis_name is None:
-        mean, mean2 = jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)
-    else:  # one collective for both, as Flax does
-        mean, mean2 = jax.lax.pmean(jnp.stack([jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)]), axis_name)
+    count = _count(x, axes, None)
+    means = _row_sums(x) / count
+    if axis_name is not None:  # one collective for both, as Flax does
+        means = jax.lax.pmean(means, axis_name)
+    mean, mean2 = means[0], means[1]
     return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
 
 
@@ -97,18 +126,12 @@ def _batch_norm_bwd(epsilon, relu, axis_name, dtype, residuals, cotangents):
     x32 = x.astype(jnp.float32)
     scale32 = scale.astype(jnp.float32)
     centred = x32 - mean
-    if relu:
-        # sign(relu(z)) is the ReLU's derivative (0 or 1) as arithmetic, which the reduction
-        # kernels fuse; the elementwise pass below uses the plain select.
-        z = centred * (rstd * scale32) + bias.astype(jnp.float32)
-        mask = jnp.sign(jnp.maximum(z, 0.0))
-        dbias = _sum(dy * mask, axes, axis_name)
-        dscale_raw = _sum(dy * mask * centred, axes, axis_name)
-        dz = jnp.where(z > 0, dy, 0.0)
-    else:
-        dbias = _sum(dy, axes, axis_name)
-        dscale_raw = _sum(dy * centred, axes, axis_name)
-        dz = dy
+    mul, bias32 = rstd * scale32, bias.astype(jnp.float32)
+    sums = _grad_sums(dy, x32, mean, mul, bias32, relu)
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    dbias, dscale_raw = sums[0], sums[1]
+    dz = jnp.where(centred * mul + bias32 > 0, dy, 0.0) if relu else dy
     count = _count(x, axes, axis_name)
     dscale = dscale_raw * rstd
     dx = (scale32 * rstd) * (dz - dbias / count - centred * (rstd * rstd * dscale_raw / count))

@@ -35,10 +35,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-__all__ = ["available", "disabled", "matmul_tn", "batched_matmul", "sum_like"]
+__all__ = ["available", "disabled", "matmul_tn", "batched_matmul", "sum_like", "bn_sums", "bn_grad_sums"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_blas.cc"
-_TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul"}
+_SOURCES = Path(__file__).with_name("csrc")
+_TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul",
+            "resattn_bn_sums": "ResattnBnSums", "resattn_bn_grad_sums": "ResattnBnGradSums"}
 _state = threading.local()
 
 
@@ -62,16 +63,19 @@ def _compile() -> Path:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + jax.lib.__version__.encode() + compiler.encode()).hexdigest()[:16]
+    sources = sorted(_SOURCES.glob("*.cc"))
+    digest = hashlib.sha256(jax.lib.__version__.encode() + compiler.encode())
+    for path in sorted(_SOURCES.glob("*.[ch]*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    key = digest.hexdigest()[:16]
     target = _cache_dir() / f"cpu_blas-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(_SOURCE),
-               "-o", str(built), "-ldl"]
+        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+               *map(str, sources), "-o", str(built), "-ldl"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -141,8 +145,10 @@ def sum_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
     return jax.lax.psum(cotangent, axes) if axes else cotangent
 
 
-def _call(target: str, shape: tuple[int, ...], *operands) -> jax.Array:
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(*operands)
+def _call(target: str, shape: tuple[int, ...], *operands, **attributes) -> jax.Array:
+    # Under jax.vmap (e.g. a vmapped per-device step) each mapped slice is its own call.
+    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
+        *operands, **attributes)
     axes = _varying_axes(*operands)
     return jax.lax.pcast(out, axes, to="varying") if axes else out
 
@@ -174,3 +180,39 @@ def _batched_matmul_bwd(residuals, g):
 
 
 batched_matmul.defvjp(lambda a, b: (batched_matmul(a, b), (a, b)), _batched_matmul_bwd)
+
+
+# Batch norm's per-channel sums in one pass each (csrc/bn_sums.cc); reverse-mode derivatives are
+# those of the XLA formulations beside them.
+def _bn_sums_xla(x):
+    return jnp.stack([jnp.sum(x, 0), jnp.sum(x * x, 0)])
+
+
+def _bn_grad_sums_xla(dy, x, mean, mul, bias, relu):
+    centred = x - mean
+    dz = jnp.where(centred * mul + bias > 0, dy, 0.0) if relu else dy
+    return jnp.stack([jnp.sum(dz, 0), jnp.sum(dz * centred, 0)])
+
+
+@jax.custom_vjp
+def bn_sums(x: jax.Array) -> jax.Array:
+    """``[sum(x), sum(x^2)]`` over rows: ``[M, C] -> [2, C]`` float32, on CPU only."""
+    return _call("resattn_bn_sums", (2, x.shape[1]), x)
+
+
+bn_sums.defvjp(lambda x: (bn_sums(x), x), lambda x, g: jax.vjp(_bn_sums_xla, x)[1](g))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def bn_grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
+    """``[sum(dz), sum(dz * (x - mean))]`` over rows with ``dz = dy * [(x - mean) * mul + bias > 0]``
+    (``relu``) or ``dy``: ``dy, x [M, C]``, ``mean, mul, bias [C]`` -> ``[2, C]`` float32, on CPU only."""
+    return _call("resattn_bn_grad_sums", (2, x.shape[1]), dy, x, mean, mul, bias, relu=bool(relu))
+
+
+def _bn_grad_sums_bwd(relu, primals, g):
+    return jax.vjp(lambda *p: _bn_grad_sums_xla(*p, relu), *primals)[1](g)
+
+
+bn_grad_sums.defvjp(lambda dy, x, mean, mul, bias, relu: (bn_grad_sums(dy, x, mean, mul, bias, relu),
+                                                          (dy, x, mean, mul, bias)), _bn_grad_sums_bwd)
