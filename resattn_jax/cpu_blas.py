@@ -1,4 +1,4 @@
-"""Matrix products through OpenBLAS on CPU, as XLA FFI custom calls (float32).
+"""CPU custom calls (XLA FFI, float32): matrix products through OpenBLAS, and batch norm's sums.
 
 XLA:CPU runs two kinds of products of this network at half the speed the CPU allows
 (docs/benchmarks.md): the weight gradient of a 1x1 convolution, ``x^T dy`` contracted over the
@@ -6,6 +6,9 @@ batch and spatial axes (``[N*H*W, C_in]^T [N*H*W, C_out]``, 95-160 GFLOP/s again
 160-250 on the same 2 cores), and the 16 or 36 batched small products of a Winograd convolution.
 :func:`matmul_tn` and :func:`batched_matmul` compute them with single-threaded OpenBLAS ``sgemm``
 calls spread over XLA's own intra-op threads (``csrc/cpu_blas.cc``), so they add no threads.
+:func:`bn_sums` and :func:`bn_grad_sums` (``csrc/bn_sums.cc``) give batch norm its two
+per-channel sums in one pass over the activation each, where XLA's reduction kernels read it
+once per sum (train step 1.10x on Attention-56).
 
 The custom calls exist only on CPU and in float32: callers pick them through
 ``lax.platform_dependent`` (or from code that already runs only on CPU), so GPU and TPU programs
