@@ -49,35 +49,17 @@ def _count(x: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> float:
     return count * (jax.lax.psum(1, axis_name) if axis_name is not None else 1)
 
 
-def _native(*operands) -> bool:
-    return all(x.dtype == jnp.float32 for x in operands) and cpu_blas.available()
-
-
 def _row_sums(x: jax.Array) -> jax.Array:
     """``[sum(x), sum(x^2)]`` over all but the channel axis, ``[..., C] -> [2, C]`` (one pass on CPU)."""
-    rows = x.reshape(-1, x.shape[-1])
-    xla = lambda r: jnp.stack([jnp.sum(r, 0), jnp.sum(jnp.square(r), 0)])  # noqa: E731
-    if not _native(rows):
-        return xla(rows)
-    return jax.lax.platform_dependent(rows, cpu=cpu_blas.bn_sums, default=xla)
+    return cpu_blas.dispatch(cpu_blas.bn_sums, cpu_blas.bn_sums_xla, x.reshape(-1, x.shape[-1]))
 
 
 def _grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
     """``[sum(dz), sum(dz * (x - mean))]`` over all but the channel axis, ``dz`` the ReLU-masked
     ``dy`` (``relu``): ``[2, C]`` (one pass on CPU)."""
-    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-
-    def xla(dy, x, mean, mul, bias):
-        centred = x - mean
-        if relu:
-            # sign(relu(z)) is the ReLU's derivative (0 or 1) as arithmetic, which XLA's
-            # reduction kernels fuse.
-            dy = dy * jnp.sign(jnp.maximum(centred * mul + bias, 0.0))
-        return jnp.stack([jnp.sum(dy, 0), jnp.sum(dy * centred, 0)])
-    if not _native(dy, x):
-        return xla(dy, x, mean, mul, bias)
-    return jax.lax.platform_dependent(dy, x, mean, mul, bias, default=xla,
-                                      cpu=functools.partial(cpu_blas.bn_grad_sums, relu=relu))
+    return cpu_blas.dispatch(functools.partial(cpu_blas.bn_grad_sums, relu=relu),
+                             functools.partial(cpu_blas.bn_grad_sums_xla, relu=relu),
+                             dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), mean, mul, bias)
 
 
 def _statistics(x: jax.Array, axes, axis_name):

@@ -38,7 +38,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-__all__ = ["available", "disabled", "matmul_tn", "batched_matmul", "sum_like", "bn_sums", "bn_grad_sums"]
+__all__ = ["available", "disabled", "dispatch", "matmul_tn", "batched_matmul", "sum_like", "bn_sums", "bn_grad_sums",
+           "bn_sums_xla", "bn_grad_sums_xla"]
 
 _SOURCES = Path(__file__).with_name("csrc")
 _TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul",
@@ -116,6 +117,15 @@ def available() -> bool:
     return not getattr(_state, "disabled", False) and _load()
 
 
+def dispatch(native, xla, *operands):
+    """``native(*operands)`` on CPU where the custom calls can run (float32 operands, built, not
+    switched off), else ``xla(*operands)``; the backend is resolved by ``lax.platform_dependent``
+    when the program is lowered, so other backends compile ``xla`` only."""
+    if any(x.dtype != jnp.float32 for x in operands) or not available():
+        return xla(*operands)
+    return jax.lax.platform_dependent(*operands, cpu=native, default=xla)
+
+
 @contextlib.contextmanager
 def disabled():
     """Trace with XLA's own products only (this thread), e.g. for programs exported elsewhere.
@@ -186,15 +196,20 @@ batched_matmul.defvjp(lambda a, b: (batched_matmul(a, b), (a, b)), _batched_matm
 
 
 # Batch norm's per-channel sums in one pass each (csrc/bn_sums.cc); reverse-mode derivatives are
-# those of the XLA formulations beside them.
-def _bn_sums_xla(x):
-    return jnp.stack([jnp.sum(x, 0), jnp.sum(x * x, 0)])
+# those of the XLA formulations, which any backend can use instead.
+def bn_sums_xla(x: jax.Array) -> jax.Array:
+    """:func:`bn_sums` in XLA."""
+    return jnp.stack([jnp.sum(x, 0), jnp.sum(jnp.square(x), 0)])
 
 
-def _bn_grad_sums_xla(dy, x, mean, mul, bias, relu):
+def bn_grad_sums_xla(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
+    """:func:`bn_grad_sums` in XLA."""
     centred = x - mean
-    dz = jnp.where(centred * mul + bias > 0, dy, 0.0) if relu else dy
-    return jnp.stack([jnp.sum(dz, 0), jnp.sum(dz * centred, 0)])
+    if relu:
+        # sign(relu(z)) is the ReLU's derivative (0 or 1) as arithmetic, which XLA's reduction
+        # kernels fuse.
+        dy = dy * jnp.sign(jnp.maximum(centred * mul + bias, 0.0))
+    return jnp.stack([jnp.sum(dy, 0), jnp.sum(dy * centred, 0)])
 
 
 @jax.custom_vjp
@@ -203,7 +218,7 @@ def bn_sums(x: jax.Array) -> jax.Array:
     return _call("resattn_bn_sums", (2, x.shape[1]), x)
 
 
-bn_sums.defvjp(lambda x: (bn_sums(x), x), lambda x, g: jax.vjp(_bn_sums_xla, x)[1](g))
+bn_sums.defvjp(lambda x: (bn_sums(x), x), lambda x, g: jax.vjp(bn_sums_xla, x)[1](g))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -214,7 +229,7 @@ def bn_grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
 
 
 def _bn_grad_sums_bwd(relu, primals, g):
-    return jax.vjp(lambda *p: _bn_grad_sums_xla(*p, relu), *primals)[1](g)
+    return jax.vjp(lambda *p: bn_grad_sums_xla(*p, relu), *primals)[1](g)
 
 
 bn_grad_sums.defvjp(lambda dy, x, mean, mul, bias, relu: (bn_grad_sums(dy, x, mean, mul, bias, relu),

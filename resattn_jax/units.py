@@ -52,11 +52,7 @@ _TN = (((0,), (0,)), ((), ()))
 def _weight_gradient(rows: jax.Array, dy: jax.Array) -> jax.Array:
     """``rows^T dy``, ``[M, C_in] x [M, C_out] -> [C_in, C_out]``: through OpenBLAS on CPU in float32
     (:mod:`resattn_jax.cpu_blas`; XLA:CPU's kernel runs this shape at half speed), else XLA's."""
-    def xla(rows, dy):
-        return jax.lax.dot_general(rows, dy, _TN)
-    if rows.dtype != jnp.float32 or dy.dtype != jnp.float32 or not cpu_blas.available():
-        return xla(rows, dy)
-    return jax.lax.platform_dependent(rows, dy, cpu=cpu_blas.matmul_tn, default=xla)
+    return cpu_blas.dispatch(cpu_blas.matmul_tn, lambda rows, dy: jax.lax.dot_general(rows, dy, _TN), rows, dy)
 
 
 @jax.custom_vjp

@@ -115,11 +115,8 @@ def _kernel_transform(m: int) -> np.ndarray:
 def _batched_products(v: jax.Array, u: jax.Array) -> jax.Array:
     """``v[i] @ u[i]``: through OpenBLAS on CPU in float32 (:mod:`resattn_jax.cpu_blas`; 1.1-2x
     XLA:CPU's speed on these small products), else XLA's batched ``dot_general``."""
-    def xla(v, u):
-        return jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
-    if v.dtype != jnp.float32 or u.dtype != jnp.float32 or not cpu_blas.available():
-        return xla(v, u)
-    return jax.lax.platform_dependent(v, u, cpu=cpu_blas.batched_matmul, default=xla)
+    return cpu_blas.dispatch(cpu_blas.batched_matmul,
+                             lambda v, u: jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))), v, u)
 
 
 def conv3x3_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:

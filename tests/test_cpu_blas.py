@@ -61,10 +61,10 @@ def test_gradients_equal_xla_to_second_order():
 @pytest.mark.parametrize("m,c", [(37, 5), (1000, 64), (3, 1)])
 def test_bn_sums_equal_xla_and_differentiate(m, c):
     x = 3.0 * _normal(12, m, c) + 1.5  # off-centre: E[x^2] dominated by the mean
-    np.testing.assert_allclose(jax.jit(cpu_blas.bn_sums)(x), cpu_blas._bn_sums_xla(x), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(jax.jit(cpu_blas.bn_sums)(x), cpu_blas.bn_sums_xla(x), rtol=1e-5, atol=1e-3)
     g = _normal(13, 2, c)
     loss = lambda sums: lambda x: jnp.sum(g * sums(x) / m + (sums(x) / m) ** 2)  # noqa: E731 - well conditioned
-    ours, ref = jax.grad(loss(cpu_blas.bn_sums))(x), jax.grad(loss(cpu_blas._bn_sums_xla))(x)
+    ours, ref = jax.grad(loss(cpu_blas.bn_sums))(x), jax.grad(loss(cpu_blas.bn_sums_xla))(x)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -74,9 +74,9 @@ def test_bn_grad_sums_equal_xla_and_differentiate(relu):
     mean, mul, bias = _normal(16, 7) * 0.1, 1 + 0.3 * _normal(17, 7), _normal(18, 7) * 0.2
     args = (dy, x, mean, mul, bias)
     out = jax.jit(lambda *a: cpu_blas.bn_grad_sums(*a, relu))(*args)
-    np.testing.assert_allclose(out, cpu_blas._bn_grad_sums_xla(*args, relu), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out, cpu_blas.bn_grad_sums_xla(*args, relu), rtol=1e-5, atol=1e-4)
     ours = jax.grad(lambda *a: jnp.sum(cpu_blas.bn_grad_sums(*a, relu) ** 2), (0, 1, 2, 3, 4))(*args)
-    ref = jax.grad(lambda *a: jnp.sum(cpu_blas._bn_grad_sums_xla(*a, relu) ** 2), (0, 1, 2, 3, 4))(*args)
+    ref = jax.grad(lambda *a: jnp.sum(cpu_blas.bn_grad_sums_xla(*a, relu) ** 2), (0, 1, 2, 3, 4))(*args)
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-3), ours, ref)
 
 
