@@ -9,7 +9,7 @@ after ``--warmup`` warm-up steps and reports its median; the table gives the med
 and the ratio PyTorch time / JAX time (above 1: JAX is faster).
 
 PyTorch configurations: ``nchw`` (PyTorch's default layout) and ``channels_last``, both with
-the same glibc settings the JAX CLIs apply (:func:`resattn_jax.parallel.retain_host_memory`),
+the same glibc settings the JAX CLIs apply (:func:`resattn_jax.ops.cpu.host.retain_host_memory`),
 given to PyTorch through the ``MALLOC_*`` environment variables, so that neither side pays
 per-step page faults the other does not. The best PyTorch configuration is the reference.
 """
@@ -25,7 +25,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-#: The glibc settings of ``parallel.retain_host_memory``, as environment variables.
+#: The glibc settings of ``resattn_jax.ops.cpu.host.retain_host_memory``, as environment variables.
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 TORCH_CONFIGS = {"nchw": [], "channels_last": ["--channels-last"]}
 

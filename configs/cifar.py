@@ -8,7 +8,7 @@ Paper error (%): Attention-92 4.99 / 21.71, Attention-236 4.14 / 21.16, Attentio
 """
 
 from configs import default
-from resattn_jax import data
+from resattn_jax.training.data import data_preset
 
 NETWORKS = ("attention56", "attention92", "attention128", "attention164", "attention236", "attention452")
 
@@ -22,6 +22,6 @@ def parse(arg, choices, what):
 def get_config(arg: str = "cifar10,attention56"):
     dataset, network = (arg.split(",") + [""])[:2]
     config = default.get_config()
-    config.data = data.data_preset(parse(dataset, ("cifar10", "cifar100"), "dataset"))
+    config.data = data_preset(parse(dataset, ("cifar10", "cifar100"), "dataset"))
     config.model.name = "cifar_" + parse(network, NETWORKS, "network")
     return config

@@ -6,7 +6,8 @@ e.g. ``--config.global_batch_size=128 --config.model.remat=True``.
 
 import ml_collections
 
-from resattn_jax import data, optim
+from resattn_jax.training import optim
+from resattn_jax.training.data import data_preset
 
 
 def get_config():
@@ -18,7 +19,7 @@ def get_config():
 
     # Data through tensorflow-datasets. The validation split is held out from the training data and
     # selects the best checkpoint; the test split is only reported.
-    config.data = data.data_preset("cifar10")  # train[5000:] / train[:5000] / test, pad-4 crop + flip
+    config.data = data_preset("cifar10")  # train[5000:] / train[:5000] / test, pad-4 crop + flip
 
     # Optimisation: SGD, Nesterov momentum 0.9, L2 1e-4 on kernels, batch 64,
     # lr 0.1 divided by 10 at 64k and 96k iterations, 160k iterations.

@@ -10,7 +10,7 @@ A CIFAR-layout Attention-56 at half width trains to >= 95 % test accuracy in a f
 """
 
 from configs import default
-from resattn_jax import data
+from resattn_jax.training.data import data_preset
 
 
 def get_config():
@@ -20,7 +20,7 @@ def get_config():
     config.model.stage_widths = (32, 64, 128)
     config.model.final_width = 128
 
-    config.data = data.data_preset("digits")  # 2-pixel padding, no flips (a mirrored digit is another symbol)
+    config.data = data_preset("digits")  # 2-pixel padding, no flips (a mirrored digit is another symbol)
 
     config.global_batch_size = 64
     config.eval_batch_size = 128

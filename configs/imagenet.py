@@ -15,7 +15,7 @@ AttentionInception-56 20.36 / 5.29, Attention-92 19.5 / 4.8.
 """
 
 from configs import cifar, default
-from resattn_jax import data
+from resattn_jax.training.data import data_preset
 
 NETWORKS = ("attention56", "attention92", "attentionnext56", "attentioninception56")
 
@@ -23,7 +23,7 @@ NETWORKS = ("attention56", "attention92", "attentionnext56", "attentioninception
 def get_config(arg: str = "attention56"):
     config = default.get_config()
     config.model.name = cifar.parse(arg, NETWORKS, "network")
-    config.data = data.data_preset("imagenet2012")  # streaming, random-resized crops, ImageNet mean/std
+    config.data = data_preset("imagenet2012")  # streaming, random-resized crops, ImageNet mean/std
     config.data.eval_image_size = 320 if arg == "attention92" else 224
 
     config.global_batch_size = 256

@@ -51,7 +51,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def digits_workdir(tmp_path_factory) -> str:
     """A finished 4-step digits run of the tiny network (checkpoints at steps 2 and 4), shared by the session."""
-    from resattn_jax import train_lib
+    from resattn_jax.training import loop as train_lib
 
     workdir = str(tmp_path_factory.mktemp("digits_run"))
     train_lib.train_and_evaluate(digits_config(4), workdir)

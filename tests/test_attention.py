@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from resattn_jax.attention import AttentionModule, SoftMaskBranch, attention_activation
-from resattn_jax.units import PreActBottleneck
+from resattn_jax.models.attention import AttentionModule, SoftMaskBranch, attention_activation
+from resattn_jax.models.units import PreActBottleneck
 
 NORM = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9, epsilon=1e-5)
 UNIT = functools.partial(PreActBottleneck, norm=NORM)
@@ -75,7 +75,7 @@ def test_soft_mask_adds_only_skip_branches():
     inter = state["intermediates"]
     down_lowest = inter["down1_1"]["__call__"][0]       # lowest level output, 4x4
     skip = inter["skip0"]["__call__"][0]                 # 8x8
-    from resattn_jax.resample import upsample_bilinear
+    from resattn_jax.ops import upsample_bilinear
     up_input = upsample_bilinear(down_lowest, skip.shape[1:3]) + skip
     np.testing.assert_allclose(UNIT(8).apply({"params": variables["params"]["up1_0"],
                                               "batch_stats": variables["batch_stats"]["up1_0"]}, up_input),

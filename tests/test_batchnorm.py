@@ -10,7 +10,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from resattn_jax.batchnorm import BatchNorm, norm_relu
+from resattn_jax.ops.batchnorm import BatchNorm, norm_relu
 
 SHAPE = (4, 6, 5, 8)
 

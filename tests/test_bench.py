@@ -5,10 +5,10 @@ import json
 import jax
 import pytest
 
-from resattn_jax import bench
+from resattn_jax.tools import bench
 
 KEYS = {"images_per_sec", "step_ms_median", "compile_s", "flops_per_step", "mfu", "peak_memory_bytes",
-        "device_kind", "num_devices", "jax_version"}
+        "peak_host_rss_bytes", "device_kind", "num_devices", "jax_version"}
 
 
 @pytest.mark.parametrize("parallel_mode,mode,remat", [("jit", "train", False), ("pmap", "train", False),
@@ -22,6 +22,7 @@ def test_benchmark_figures(parallel_mode, mode, remat):
     assert result["num_devices"] == jax.device_count() and result["images_per_sec"] > 0
     assert result["step_ms_min"] <= result["step_ms_median"] <= result["step_ms_max"]
     assert 0 < result["mfu"] < 1
+    assert 100 * 2**20 < result["peak_host_rss_bytes"] < 64 * 2**30  # bytes (getrusage gives KiB on Linux)
     # The traced step's count vs 2 x the forward multiply-adds (x3 for a train step); with remat
     # the recomputed forward is not model FLOPs.
     assert result["flops_per_step"] == pytest.approx(result["analytic_flops_per_step"], rel=0.10)

@@ -1,6 +1,7 @@
 """CPU custom calls (OpenBLAS products, batch-norm sums): values and gradients equal XLA's; off switches; fallbacks."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,8 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from resattn_jax import cpu_blas
+from resattn_jax.ops import backend
+from resattn_jax.ops.cpu import custom_calls as cpu_blas
 
 TN = (((0,), (0,)), ((), ()))
 BATCHED = (((2,), (1,)), ((0,), (0,)))
@@ -25,7 +27,7 @@ def _normal(seed, *shape):
 def test_custom_calls_are_built_and_loaded_here():
     # The machines this project runs on have a C++ compiler and scipy-openblas64: a failure to build
     # must show up here rather than as a silent fallback.
-    assert cpu_blas.available()
+    assert backend.native_available()
 
 
 @pytest.mark.parametrize("m,k,n", [(37, 5, 11), (64, 48, 16), (300, 7, 129), (1, 3, 2)])
@@ -94,39 +96,49 @@ def test_inside_shard_map_with_a_replicated_operand():
     assert g.shape == w.shape
 
 
-def test_disabled_traces_xla_products_only():
+def test_portable_traces_xla_products_only():
     a, b = _normal(10, 8, 4), _normal(11, 8, 3)
-    from resattn_jax.units import _weight_gradient
 
     # (What is traced inside the block: jit reuses traces of one function object, so fresh ones here.)
-    with cpu_blas.disabled():
-        assert not cpu_blas.available()
-        text = jax.jit(lambda a, b: _weight_gradient(a, b)).lower(a, b).as_text()
+    with backend.portable():
+        assert not backend.native_available()
+        text = jax.jit(lambda a, b: backend.weight_gradient(a, b)).lower(a, b).as_text()
     assert "resattn_matmul_tn" not in text
-    assert cpu_blas.available()
-    assert "resattn_matmul_tn" in jax.jit(lambda a, b: _weight_gradient(a, b)).lower(a, b).as_text()
+    assert backend.native_available()
+    assert "resattn_matmul_tn" in jax.jit(lambda a, b: backend.weight_gradient(a, b)).lower(a, b).as_text()
 
 
-def _fresh_process(code: str, **env) -> subprocess.CompletedProcess:
+def _fresh_process(code: str, cwd=None, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+                          cwd=cwd, env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
 
 
-def test_switch_and_failed_build_fall_back_to_xla(tmp_path):
+def test_switch_and_missing_extension_fall_back_to_xla(tmp_path):
     code = """
-        import warnings, jax, jax.numpy as jnp
-        from resattn_jax import cpu_blas
-        from resattn_jax.units import _weight_gradient
+        import os, warnings, jax, jax.numpy as jnp
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ok = cpu_blas.available()
-        a = jnp.ones((6, 2)); b = jnp.ones((6, 3))
-        assert (jax.jit(_weight_gradient)(a, b) == 6).all()
-        print(ok, [str(w.message) for w in caught])
+            from resattn_jax.ops import backend
+            ok = backend.native_available()
+            a = jnp.ones((6, 2)); b = jnp.ones((6, 3))
+            assert (jax.jit(backend.weight_gradient)(a, b) == 6).all()
+            assert backend.native_available() == ok  # asked again: no second warning
+        print(ok, [str(w.message) for w in caught if "resattn_jax" in str(w.message)], backend.__file__)
     """
     off = _fresh_process(code, RESATTN_JAX_CPU_BLAS="0")
     assert off.returncode == 0, off.stderr
     assert off.stdout.startswith("False []")
-    broken = _fresh_process(code, CXX="/bin/false", RESATTN_JAX_CACHE=str(tmp_path))
-    assert broken.returncode == 0, broken.stderr
-    assert broken.stdout.startswith("False") and "OpenBLAS custom calls unavailable" in broken.stdout
+    # The package without its compiled extension (as a source checkout never built), and a fresh
+    # $HOME: XLA's products, one warning, nothing compiled and nothing written under $HOME.
+    copy = tmp_path / "src"
+    shutil.copytree(os.path.dirname(os.path.dirname(backend.__file__)), copy / "resattn_jax",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    home = tmp_path / "home"
+    home.mkdir()
+    missing = _fresh_process(code, cwd=tmp_path, PYTHONPATH=str(copy), HOME=str(home), CXX="/bin/false")
+    assert missing.returncode == 0, missing.stderr
+    assert missing.stdout.startswith("False"), missing.stdout
+    warned = [line for line in missing.stdout.split("', '") if "CPU custom calls unavailable" in line]
+    assert len(warned) == 1 and "was not built at install time" in missing.stdout, missing.stdout
+    assert missing.stdout.strip().endswith(str(copy / "resattn_jax" / "ops" / "backend.py"))  # the copy ran
+    assert not list(home.iterdir())

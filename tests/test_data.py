@@ -13,7 +13,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from numpy.lib.stride_tricks import sliding_window_view
 
-from resattn_jax import data, digits_dataset
+from resattn_jax.training import data
+from resattn_jax.training.data import digits as digits_dataset
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-from resattn_jax import data, parallel, train_lib
+from resattn_jax.training import data, parallel
+from resattn_jax.training import loop as train_lib
 from test_train import read_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import pytest
 from conftest import num_elements
 
 import resattn_jax
-from resattn_jax.flops import model_macs
+from resattn_jax.tools.flops import model_macs
 
 # Counted from the official Caffe prototxts (learnable parameters; BN running statistics separate).
 OFFICIAL_PARAMS = {"attention56": 31_810_728, "attention92": 52_466_344, "attentionnext56": 31_318_824}

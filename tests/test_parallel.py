@@ -1,7 +1,6 @@
 """One training step: 8 devices with parallel='jit', 8 devices per-device ('pmap', BN synced),
 and 1 device with the same global batch give the same parameters and batch statistics."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +9,10 @@ import pytest
 
 import resattn_jax
 from configs import default
-from resattn_jax import parallel
+from resattn_jax.training import parallel
 from tiny_config import SMALL
-from resattn_jax.optim import create_optimizer
-from resattn_jax.train_lib import create_train_state, make_train_step
+from resattn_jax.training.optim import create_optimizer
+from resattn_jax.training.loop import create_train_state, make_train_step
 
 GLOBAL_BATCH = 16
 
@@ -62,7 +61,7 @@ def test_step_actually_moves_parameters(single_device):
 
 
 def test_batch_that_does_not_divide_is_rejected():
-    from resattn_jax.train_lib import validate_config
+    from resattn_jax.training.loop import validate_config
 
     config = default.get_config()
     config.global_batch_size = 30
@@ -71,7 +70,7 @@ def test_batch_that_does_not_divide_is_rejected():
 
 
 def test_learning_rate_schedule_counts_absolute_iterations():
-    from resattn_jax.optim import learning_rate_schedule
+    from resattn_jax.training.optim import learning_rate_schedule
 
     config = default.get_config().optimizer
     config.boundaries, config.warmup_steps = (100, 150), 10
@@ -83,56 +82,8 @@ def test_learning_rate_schedule_counts_absolute_iterations():
 
 
 def test_weight_decay_applies_to_kernels_only():
-    from resattn_jax.optim import weight_decay_mask
+    from resattn_jax.training.optim import weight_decay_mask
 
     params = {"conv": {"kernel": 1}, "bn": {"scale": 1, "bias": 1}, "classifier": {"kernel": 1, "bias": 1}}
     assert weight_decay_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
                                          "classifier": {"kernel": True, "bias": False}}
-
-
-def _conv(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def test_cpu_steps_compile_convolutions_on_the_eigen_path(monkeypatch):
-    options = parallel.compiler_options()
-    assert options == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-    x, w = jnp.ones((1, 32, 32, 64)), jnp.ones((3, 3, 64, 64))
-    assert "__ynn_fusion" in jax.jit(_conv).lower(x, w).compile().as_text()
-    assert "__ynn_fusion" not in jax.jit(_conv, compiler_options=options).lower(x, w).compile().as_text()
-    # Training steps also hand their matrix products to YNNPACK; convolutions stay on Eigen.
-    train = parallel.compiler_options(kind="train")
-    assert train["xla_cpu_experimental_ynn_fusion_type"].split(",") == ["LIBRARY_FUSION_TYPE_REDUCE",
-                                                                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"]
-    assert "__ynn_fusion" not in jax.jit(_conv, compiler_options=train).lower(x, w).compile().as_text()
-    with pytest.raises(ValueError, match="unknown step kind"):
-        parallel.compiler_options(kind="infer")
-    monkeypatch.setenv("RESATTN_JAX_XLA_DEFAULTS", "1")
-    parallel._supported_options.cache_clear()
-    try:
-        assert parallel.compiler_options() == {}
-    finally:
-        parallel._supported_options.cache_clear()
-
-
-def test_unknown_compiler_options_are_dropped(monkeypatch):
-    monkeypatch.setitem(parallel.BACKEND_COMPILER_OPTIONS, "cpu", {"xla_no_such_option_anywhere": 1})
-    parallel._supported_options.cache_clear()
-    try:
-        assert parallel.compiler_options() == {}
-    finally:
-        parallel._supported_options.cache_clear()
-
-
-@pytest.mark.parametrize("opt_out", [False, True])
-def test_retain_host_memory_applies_glibc_settings_unless_opted_out(opt_out):
-    """Applied in a fresh process (the effect on step time is a benchmark figure, docs/benchmarks.md)."""
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    env = {k: v for k, v in os.environ.items() if k != "RESATTN_JAX_XLA_DEFAULTS"}
-    if opt_out:
-        env["RESATTN_JAX_XLA_DEFAULTS"] = "1"
-    script = "from resattn_jax import parallel; print(parallel.retain_host_memory())"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.split()[-1] == str(not opt_out)

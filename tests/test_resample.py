@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from resattn_jax.bench_upsample import upsample_gather, upsample_jax_image, upsample_matrices
-from resattn_jax.resample import interpolation_matrix, max_pool_3x3s2, pooled_size, upsample_bilinear
+from resattn_jax.tools.bench_upsample import upsample_gather, upsample_jax_image, upsample_matrices
+from resattn_jax.ops import interpolation_matrix, max_pool_3x3s2, pooled_size, upsample_bilinear
 
 
 def reference_upsample(x: np.ndarray, h_out: int, w_out: int) -> np.ndarray:

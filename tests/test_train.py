@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import digits_config
 
-from resattn_jax import train_lib
-from resattn_jax.checkpoint import CheckpointError, Checkpoints
+from resattn_jax.training import loop as train_lib
+from resattn_jax.training.checkpoint import CheckpointError, Checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,8 @@ import pytest
 from flax import linen as nn
 from conftest import num_elements
 
-from resattn_jax.units import Conv1x1, InceptionResidual, PreActBottleneck, ResNeXtBottleneck
+from resattn_jax.models.units import InceptionResidual, PreActBottleneck, ResNeXtBottleneck
+from resattn_jax.ops import Conv1x1
 
 NORM = functools.partial(nn.BatchNorm, use_running_average=True)
 

@@ -16,7 +16,9 @@ import pytest
 import tensorflow as tf
 from matplotlib import image as mpimg
 
-from resattn_jax import analyze, data, export, inference, train_lib, visualize
+from resattn_jax.tools import analyze, export, inference, visualize
+from resattn_jax.training import data
+from resattn_jax.training import loop as train_lib
 
 MASKS = ["stage1_attention0", "stage2_attention0", "stage3_attention0"]
 STAGES = ["stage1", "stage2", "stage3", "final"]
@@ -204,7 +206,7 @@ def test_exported_function_matches_the_library_in_a_fresh_process(trained, digit
     np.savez(tmp_path / "images.npz", **batches)
     script = textwrap.dedent(f"""
         import numpy as np
-        from resattn_jax.export import load_exported, load_saved_model
+        from resattn_jax.tools.export import load_exported, load_saved_model
         images = dict(np.load({str(tmp_path / "images.npz")!r}))
         infer, saved = load_exported({str(out)!r}), load_saved_model({str(out)!r})
         np.savez({str(tmp_path / "logits.npz")!r}, **{{f"jax_{{k}}": np.asarray(infer(v)) for k, v in images.items()}},

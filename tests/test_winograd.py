@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resattn_jax.flops import count_macs
-from resattn_jax.units import Conv3x3
-from resattn_jax.winograd import conv3x3, conv3x3_direct, conv3x3_winograd, tile_size
+from resattn_jax.tools.flops import count_macs
+from resattn_jax.ops import Conv3x3, conv3x3, conv3x3_direct
+from resattn_jax.ops.cpu.winograd import conv3x3_winograd, tile_size
 
 
 def _operands(shape, out_channels, seed=0):

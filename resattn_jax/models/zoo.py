@@ -12,7 +12,7 @@ import dataclasses
 import functools
 from typing import Callable
 
-from resattn_jax.model import ResidualAttentionNet
+from resattn_jax.models.network import ResidualAttentionNet
 
 __all__ = ["MODELS", "create_model", "list_models"]
 

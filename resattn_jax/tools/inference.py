@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from resattn_jax import data, parallel, train_lib
+from resattn_jax.ops.backend import compiler_options
+from resattn_jax.training import data, loop, parallel
 
 __all__ = ["Forward", "check_images", "display_pixels", "forward", "load", "read_images", "split_images"]
 
@@ -30,12 +31,12 @@ class Forward:
     stage_outputs: dict[str, np.ndarray]  # 'stage1'..'stageK', 'final' -> [N, h, w, C], in network order
 
 
-def load(workdir: str, checkpoint: str | int = "best") -> train_lib.TrainedModel:
-    """:func:`train_lib.load_trained` onto one device (inspection needs no replicas)."""
-    return train_lib.load_trained(workdir, checkpoint, mesh=parallel.make_mesh(jax.devices()[:1]))
+def load(workdir: str, checkpoint: str | int = "best") -> loop.TrainedModel:
+    """:func:`loop.load_trained` onto one device (inspection needs no replicas)."""
+    return loop.load_trained(workdir, checkpoint, mesh=parallel.make_mesh(jax.devices()[:1]))
 
 
-def check_images(trained: train_lib.TrainedModel, images: np.ndarray) -> None:
+def check_images(trained: loop.TrainedModel, images: np.ndarray) -> None:
     """Raise ``ValueError`` unless ``images`` is ``[N, H, W, C]`` with the run's evaluation image shape."""
     expected = trained.info.eval_image_shape
     if np.ndim(images) != 4 or tuple(np.shape(images)[1:]) != expected:
@@ -43,7 +44,7 @@ def check_images(trained: train_lib.TrainedModel, images: np.ndarray) -> None:
                          f"{expected[1]}, {expected[2]}] (the run's evaluation image shape)")
 
 
-def split_images(trained: train_lib.TrainedModel, split: str, num: int) -> tuple[np.ndarray, np.ndarray]:
+def split_images(trained: loop.TrainedModel, split: str, num: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``num`` images of the run's ``split`` ('validation' or 'test'), as evaluation sees them.
 
     Returns normalised ``float32 [n, H, W, C]`` images and ``int32 [n]`` labels, ``n = min(num, split size)``.
@@ -56,7 +57,7 @@ def split_images(trained: train_lib.TrainedModel, split: str, num: int) -> tuple
     return batch["image"][batch["mask"]], batch["label"][batch["mask"]]
 
 
-def read_images(trained: train_lib.TrainedModel, paths: Sequence[str]) -> np.ndarray:
+def read_images(trained: loop.TrainedModel, paths: Sequence[str]) -> np.ndarray:
     """PNG/JPEG/GIF/BMP/WebP files -> normalised ``float32 [N, H, W, C]``, as the input pipeline normalises.
 
     Each file must already have the run's evaluation image size and channel count (1 = grey,
@@ -86,7 +87,7 @@ def read_images(trained: train_lib.TrainedModel, paths: Sequence[str]) -> np.nda
     return data.normalise(trained.config.data, np.stack(images))
 
 
-def display_pixels(trained: train_lib.TrainedModel, images: np.ndarray) -> np.ndarray:
+def display_pixels(trained: loop.TrainedModel, images: np.ndarray) -> np.ndarray:
     """Normalised images back to displayable ``float32 [N, H, W, C]`` pixels in [0, 1]."""
     mean, std = data.normalisation(trained.config.data)
     return np.clip((np.asarray(images, np.float32) * std + mean) / 255.0, 0.0, 1.0)
@@ -97,11 +98,11 @@ def _network_order(name: str) -> tuple:
     return tuple(int(n) for n in re.findall(r"\d+", name)) or (float("inf"),)
 
 
-def forward(trained: train_lib.TrainedModel, images: np.ndarray) -> Forward:
+def forward(trained: loop.TrainedModel, images: np.ndarray) -> Forward:
     """Evaluation-mode forward pass of normalised ``images: [N, H, W, C]`` with its intermediates."""
     check_images(trained, images)
     apply = jax.jit(lambda variables, x: trained.model.apply(variables, x, train=False, mutable=["intermediates"]),
-                    compiler_options=parallel.compiler_options())
+                    compiler_options=compiler_options())
     logits, state = apply(trained.variables, jnp.asarray(images, jnp.float32))
     intermediates = jax.device_get(state["intermediates"])
     soft_masks, stage_outputs = {}, {}

@@ -24,14 +24,15 @@ from flax import serialization
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from resattn_jax import data, parallel
-from resattn_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
-from resattn_jax.metrics import MetricWriter, Progress
-from resattn_jax.optim import create_optimizer
-from resattn_jax.zoo import create_model
+from resattn_jax.models import create_model
+from resattn_jax.training import data, parallel
+from resattn_jax.training.checkpoint import CheckpointError, Checkpoints, abstract_like
+from resattn_jax.training.metrics import MetricWriter, Progress
+from resattn_jax.training.optim import create_optimizer
 
 __all__ = [
     "CheckpointError",
+    "DTYPES",
     "TrainState",
     "NonFiniteError",
     "Preempted",

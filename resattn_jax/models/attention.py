@@ -12,9 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resattn_jax.batchnorm import norm_relu
-from resattn_jax.resample import max_pool_3x3s2, upsample_bilinear
-from resattn_jax.units import conv
+from resattn_jax import ops
+from resattn_jax.ops import max_pool_3x3s2, norm_relu, upsample_bilinear
 
 __all__ = ["ACTIVATIONS", "LEARNING", "attention_activation", "SoftMaskBranch", "AttentionModule"]
 
@@ -71,10 +70,9 @@ class SoftMaskBranch(nn.Module):
     num_pools: int
     unit: ModuleDef  # unit(features, name=...) -> residual unit
     norm: ModuleDef
+    conv: ModuleDef = ops.conv  # conv(features, kernel, name=...) -> layer, for the head
     preactivation: bool = True
     r: int = 1
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -101,8 +99,8 @@ class SoftMaskBranch(nn.Module):
                 y = y + skips[level - 1]
                 for i in range(self.r):
                     y = self.unit(c, name=f"up{level}_{i}")(y)
-        conv1 = conv(c, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="head_conv1")
-        conv2 = conv(c, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="head_conv2")
+        conv1 = self.conv(c, 1, name="head_conv1")
+        conv2 = self.conv(c, 1, name="head_conv2")
         if self.preactivation:
             y = conv1(norm_relu(self.norm, "head_bn1")(y))
             y = conv2(norm_relu(self.norm, "head_bn2")(y))
@@ -119,6 +117,7 @@ class AttentionModule(nn.Module):
     * combine: attention residual learning ``H = (1 + M) * T`` (``learning='arl'``, eq. 3) or naive
       attention learning ``H = M * T`` (``learning='nal'``).
 
+    ``unit``, ``norm`` and ``conv`` are the layers (``ModuleDef``) the network chose at the top.
     The mask is sown into the ``intermediates`` collection as ``soft_mask`` (``[N, H, W, C]``).
     ``[N, H, W, C] -> [N, H, W, C]``.
     """
@@ -127,14 +126,13 @@ class AttentionModule(nn.Module):
     num_pools: int
     unit: ModuleDef
     norm: ModuleDef
+    conv: ModuleDef = ops.conv
     preactivation: bool = True
     p: int = 1
     t: int = 2
     r: int = 1
     activation: str = "mixed"
     learning: str = "arl"
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,8 +145,8 @@ class AttentionModule(nn.Module):
         trunk = x
         for i in range(self.t):
             trunk = self.unit(self.features, name=f"trunk{i}")(trunk)
-        mask = SoftMaskBranch(self.features, self.num_pools, self.unit, self.norm, self.preactivation, self.r,
-                              self.dtype, self.param_dtype, name="mask_branch")(x)
+        mask = SoftMaskBranch(self.features, self.num_pools, unit=self.unit, norm=self.norm, conv=self.conv,
+                              preactivation=self.preactivation, r=self.r, name="mask_branch")(x)
         mask = attention_activation(mask, self.activation)
         self.sow("intermediates", "soft_mask", mask)
         h = (1 + mask) * trunk if self.learning == "arl" else mask * trunk

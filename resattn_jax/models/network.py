@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resattn_jax.attention import ACTIVATIONS, LEARNING, AttentionModule
-from resattn_jax.batchnorm import BatchNorm, norm_relu
-from resattn_jax.resample import max_pool_3x3s2, pooled_size
-from resattn_jax.units import UNITS, conv
+from resattn_jax import ops
+from resattn_jax.models.attention import ACTIVATIONS, LEARNING, AttentionModule
+from resattn_jax.models.units import UNITS
+from resattn_jax.ops import max_pool_3x3s2, norm_relu, pooled_size
 
 __all__ = ["ResidualAttentionNet"]
 
@@ -49,7 +49,7 @@ class ResidualAttentionNet(nn.Module):
       extra_units_per_stage: plain units after each transition unit (0 for attention networks).
       final_width, final_units, final_stride: the units after the last stage.
       stem: ``'imagenet'`` or ``'cifar'``; stem_width: its output channels.
-      unit: ``'preact'``, ``'next'`` or ``'inception'`` (see :mod:`resattn_jax.units`).
+      unit: ``'preact'``, ``'next'`` or ``'inception'`` (see :mod:`resattn_jax.models.units`).
       p, t, r: attention-module hyper-parameters (paper §4: 1, 2, 1).
       activation: ``'mixed'``, ``'channel'`` or ``'spatial'`` (paper eq. 4-6).
       learning: ``'arl'`` (``(1 + M) * T``) or ``'nal'`` (``M * T``).
@@ -140,19 +140,21 @@ class ResidualAttentionNet(nn.Module):
         self._check_input(x)
         unit_cls = UNITS[self.unit]
         preact = unit_cls.preactivation
-        norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        # The layers, chosen once here (the backend's choices happen inside ops).
+        conv = functools.partial(ops.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(ops.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name)
         if self.remat:
             unit_cls = nn.remat(unit_cls)
-        unit = functools.partial(unit_cls, norm=norm, dtype=self.dtype, param_dtype=self.param_dtype)
+        unit = functools.partial(unit_cls, norm=norm, conv=conv)
 
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
-            x = conv(self.stem_width, 7, 2, dtype=self.dtype, param_dtype=self.param_dtype, name="stem_conv")(x)
+            x = conv(self.stem_width, 7, 2, name="stem_conv")(x)
             x = norm_relu(norm, "stem_bn")(x)
             x = max_pool_3x3s2(x)
         else:
-            x = conv(self.stem_width, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="stem_conv")(x)
+            x = conv(self.stem_width, 3, name="stem_conv")(x)
             if not preact:
                 x = norm_relu(norm, "stem_bn")(x)
 
@@ -162,8 +164,9 @@ class ResidualAttentionNet(nn.Module):
             for i in range(self.extra_units_per_stage):
                 x = unit(width, name=f"stage{s}_extra{i}")(x)
             for m in range(modules):
-                x = AttentionModule(width, pools, unit, norm, preact, self.p, self.t, self.r, self.activation,
-                                    self.learning, self.dtype, self.param_dtype, name=f"stage{s}_attention{m}")(x)
+                x = AttentionModule(width, pools, unit=unit, norm=norm, conv=conv, preactivation=preact, p=self.p,
+                                    t=self.t, r=self.r, activation=self.activation, learning=self.learning,
+                                    name=f"stage{s}_attention{m}")(x)
             self.sow("intermediates", f"stage{s}", x)
 
         for i in range(self.final_units):

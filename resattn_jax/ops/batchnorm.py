@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resattn_jax import cpu_blas
+from resattn_jax.ops import backend
 
 __all__ = ["BatchNorm", "batch_norm_train", "norm_relu"]
 
@@ -51,15 +51,13 @@ def _count(x: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> float:
 
 def _row_sums(x: jax.Array) -> jax.Array:
     """``[sum(x), sum(x^2)]`` over all but the channel axis, ``[..., C] -> [2, C]`` (one pass on CPU)."""
-    return cpu_blas.dispatch(cpu_blas.bn_sums, cpu_blas.bn_sums_xla, x.reshape(-1, x.shape[-1]))
+    return backend.bn_sums(x.reshape(-1, x.shape[-1]))
 
 
 def _grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
     """``[sum(dz), sum(dz * (x - mean))]`` over all but the channel axis, ``dz`` the ReLU-masked
     ``dy`` (``relu``): ``[2, C]`` (one pass on CPU)."""
-    return cpu_blas.dispatch(functools.partial(cpu_blas.bn_grad_sums, relu=relu),
-                             functools.partial(cpu_blas.bn_grad_sums_xla, relu=relu),
-                             dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), mean, mul, bias)
+    return backend.bn_grad_sums(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), mean, mul, bias, relu)
 
 
 def _statistics(x: jax.Array, axes, axis_name):

@@ -10,45 +10,35 @@ calls spread over XLA's own intra-op threads (``csrc/cpu_blas.cc``), so they add
 per-channel sums in one pass over the activation each, where XLA's reduction kernels read it
 once per sum (train step 1.10x on Attention-56).
 
-The custom calls exist only on CPU and in float32: callers pick them through
-``lax.platform_dependent`` (or from code that already runs only on CPU), so GPU and TPU programs
-never contain them. The C++ source is compiled on first use with the system's C++ compiler
-(``$CXX`` or ``c++``) against the FFI headers of the installed jaxlib, into
-``$RESATTN_JAX_CACHE`` (default ``~/.cache/resattn_jax``); the BLAS is the ``scipy-openblas64``
-package. Where either is missing, :func:`available` is ``False`` (with one warning saying why) and
-every caller uses XLA's own product instead. ``RESATTN_JAX_CPU_BLAS=0`` (or
-``RESATTN_JAX_XLA_DEFAULTS=1``) turns the custom calls off; :func:`disabled` does it for one
-trace, e.g. for portable exports.
+The C++ is compiled when the package is installed (``setup.py``: the extension
+``resattn_jax.ops.cpu._native``, built against the FFI headers of the installed jaxlib); nothing
+is compiled or written at run time. The BLAS is the ``scipy-openblas64`` package, opened on first
+use. Where either is missing, :func:`load` returns ``False`` (with one warning saying why) and
+:mod:`resattn_jax.ops.backend`, the only caller, uses XLA's own products instead. The custom calls
+exist only on CPU and in float32, and nothing here checks the platform: the backend module
+decides when to call them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
+import importlib.util
 import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["available", "disabled", "dispatch", "matmul_tn", "batched_matmul", "sum_like", "bn_sums", "bn_grad_sums",
+from resattn_jax.ops.varying import sum_like, varying_axes
+
+__all__ = ["TARGETS", "load", "native_library", "matmul_tn", "batched_matmul", "bn_sums", "bn_grad_sums",
            "bn_sums_xla", "bn_grad_sums_xla"]
 
-_SOURCES = Path(__file__).with_name("csrc")
 _TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul",
             "resattn_bn_sums": "ResattnBnSums", "resattn_bn_grad_sums": "ResattnBnGradSums"}
-_state = threading.local()
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("RESATTN_JAX_CACHE", Path.home() / ".cache" / "resattn_jax"))
+#: The custom-call targets this module registers (tests look for them in lowered programs).
+TARGETS = tuple(_TARGETS)
 
 
 def _openblas() -> tuple[str, str, str]:
@@ -62,42 +52,22 @@ def _openblas() -> tuple[str, str, str]:
     return str(path), "scipy_cblas_sgemm64_", "scipy_openblas_set_num_threads64_"
 
 
-def _compile() -> Path:
-    """The compiled custom calls, built once per source, jaxlib and compiler into the cache."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    sources = sorted(_SOURCES.glob("*.cc"))
-    digest = hashlib.sha256(jax.lib.__version__.encode() + compiler.encode())
-    for path in sorted(_SOURCES.glob("*.[ch]*")):
-        digest.update(path.name.encode() + path.read_bytes())
-    key = digest.hexdigest()[:16]
-    target = _cache_dir() / f"cpu_blas-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-               *map(str, sources), "-o", str(built), "-ldl"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(built, target)  # atomic: concurrent first uses never load a half-written file
-    return target
-
-
-def _switched_off() -> bool:
-    return os.environ.get("RESATTN_JAX_CPU_BLAS") == "0" or os.environ.get("RESATTN_JAX_XLA_DEFAULTS") == "1"
+def native_library() -> Path:
+    """Path of the extension built at install time (``FileNotFoundError`` when it was not built)."""
+    spec = importlib.util.find_spec(f"{__package__}._native")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"the extension {__package__}._native was not built at install time "
+                                "(reinstall with a C++ compiler: pip install -e .)")
+    return Path(spec.origin)
 
 
 @functools.cache
-def _load() -> bool:
-    if _switched_off():
-        return False
+def load() -> bool:
+    """Load the extension and OpenBLAS and register the custom calls, once per process; ``False``
+    (with one warning) when either is missing."""
     try:
         blas_path, sgemm_symbol, threads_symbol = _openblas()
-        library = ctypes.CDLL(str(_compile()))
+        library = ctypes.CDLL(str(native_library()))
         status = library.resattn_cpu_blas_load(blas_path.encode(), sgemm_symbol.encode())
         if status != 0:
             raise RuntimeError(f"could not load {sgemm_symbol} from {blas_path} (status {status})")
@@ -106,63 +76,17 @@ def _load() -> bool:
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means "use XLA's products"
-        warnings.warn(f"resattn_jax: OpenBLAS custom calls unavailable, using XLA's CPU products ({e})",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"resattn_jax: CPU custom calls unavailable, using XLA's CPU products ({e})",
+                      RuntimeWarning, stacklevel=2)
         return False
     return True
-
-
-def available() -> bool:
-    """Whether the custom calls can be used for what is traced now (built, loaded, not switched off)."""
-    return not getattr(_state, "disabled", False) and _load()
-
-
-def dispatch(native, xla, *operands):
-    """``native(*operands)`` on CPU where the custom calls can run (float32 operands, built, not
-    switched off), else ``xla(*operands)``; the backend is resolved by ``lax.platform_dependent``
-    when the program is lowered, so other backends compile ``xla`` only."""
-    if any(x.dtype != jnp.float32 for x in operands) or not available():
-        return xla(*operands)
-    return jax.lax.platform_dependent(*operands, cpu=native, default=xla)
-
-
-@contextlib.contextmanager
-def disabled():
-    """Trace with XLA's own products only (this thread), e.g. for programs exported elsewhere.
-
-    It changes what is traced inside the block; a function that ``jax.jit`` already traced with the
-    same arguments keeps its program, so export fresh functions (as :mod:`resattn_jax.export` does).
-    """
-    previous = getattr(_state, "disabled", False)
-    _state.disabled = True
-    try:
-        yield
-    finally:
-        _state.disabled = previous
-
-
-def _varying_axes(*operands) -> tuple[str, ...]:
-    """Mesh axes along which any operand varies (inside ``shard_map``), for the custom call's result."""
-    axes = set()
-    for x in operands:
-        aval = jax.typeof(x)
-        mat = getattr(aval, "mat", None)
-        axes |= set(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
-    return tuple(sorted(axes))
-
-
-def sum_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
-    """``cotangent`` summed (``psum``) over the ``shard_map`` axes it varies along and ``primal`` does
-    not: the cotangent of a replicated input in a custom VJP (what autodiff does implicitly)."""
-    axes = tuple(sorted(set(_varying_axes(cotangent)) - set(_varying_axes(primal))))
-    return jax.lax.psum(cotangent, axes) if axes else cotangent
 
 
 def _call(target: str, shape: tuple[int, ...], *operands, **attributes) -> jax.Array:
     # Under jax.vmap (e.g. a vmapped per-device step) each mapped slice is its own call.
     out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
         *operands, **attributes)
-    axes = _varying_axes(*operands)
+    axes = varying_axes(*operands)
     return jax.lax.pcast(out, axes, to="varying") if axes else out
 
 

@@ -1,8 +1,9 @@
 """3x3 stride-1 convolution with Winograd's minimal filtering on CPU (Lavin & Gray, 2016).
 
-:func:`conv3x3` computes the convolution ``lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))``
-computes (equal up to float32 rounding), ``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``,
-and is a drop-in for it:
+:func:`conv3x3_winograd` computes what the direct convolution
+``lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))`` computes (equal up to float32 rounding),
+``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``. Only
+:mod:`resattn_jax.ops.backend` calls it, for :func:`resattn_jax.ops.conv.conv3x3`:
 
 * On CPU, in float32, on feature maps large enough to pay for the transforms, it runs
   Winograd ``F(m x m, 3 x 3)``: every ``(m + 2) x (m + 2)`` input tile (stride ``m``) is transformed
@@ -17,9 +18,10 @@ and is a drop-in for it:
 * Every other backend (GPU, TPU, whose convolution libraries choose their own algorithms), every
   other dtype (Winograd's transforms cost bfloat16 too much precision) and small feature maps get
   the direct convolution. The backend is resolved by ``lax.platform_dependent`` when the step is
-  lowered, so a GPU or TPU compile never sees the CPU branch.
-* Like the pooling and up-sampling of :mod:`resattn_jax.resample`, it has a custom VJP:
-  reverse-mode differentiation works to any order, forward mode (``jax.jvp``) does not.
+  lowered, so a GPU or TPU compile never sees the CPU branch (the transforms are traced under
+  the named scope ``winograd``).
+* ``conv3x3``'s custom VJP makes the same choice for the input gradient; reverse-mode
+  differentiation works to any order, forward mode (``jax.jvp``) does not.
 
 The tile size per shape (:func:`tile_size`) comes from side-by-side forward timings of XLA:CPU
 on a 2-core AMD EPYC (Zen 4), float32 (table in docs/benchmarks.md). Batch 8: 56x56x64 10.1 -> 5.2 ms
@@ -31,14 +33,13 @@ with ``F(4, 3)``, 28x28x128 8.7 -> 4.1 ms, 14x14x256 8.8 -> 5.7 ms with ``F(2, 3
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resattn_jax import cpu_blas
-
-__all__ = ["conv3x3", "conv3x3_direct", "conv3x3_winograd", "tile_size"]
+__all__ = ["MIN_CHANNELS", "MIN_TILES", "batched_dot", "conv3x3_winograd", "tile_size"]
 
 # (B^T, G, A^T) of F(m x m, 3 x 3), from Lavin & Gray (2016), "Fast Algorithms for Convolutional
 # Neural Networks", section 4 (F(2, 3)) and 4.2 (F(4, 3), interpolation points 0, +-1, +-2, inf).
@@ -53,15 +54,6 @@ _TRANSFORMS = {
         np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
                  np.float64)),
 }
-
-_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-
-
-def conv3x3_direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``, XLA's convolution, padding 1."""
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=_DIMENSION_NUMBERS)
-
 
 #: Least number of tiles (batch x tile rows x tile columns) and input channels for which the
 #: batched products of Winograd beat XLA:CPU's direct convolution (measured, module docstring).
@@ -112,22 +104,27 @@ def _kernel_transform(m: int) -> np.ndarray:
     return np.einsum("jl,ik->jikl", g, g).reshape((m + 2) ** 2, 9).astype(np.float32)
 
 
-def _batched_products(v: jax.Array, u: jax.Array) -> jax.Array:
-    """``v[i] @ u[i]``: through OpenBLAS on CPU in float32 (:mod:`resattn_jax.cpu_blas`; 1.1-2x
-    XLA:CPU's speed on these small products), else XLA's batched ``dot_general``."""
-    return cpu_blas.dispatch(cpu_blas.batched_matmul,
-                             lambda v, u: jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))), v, u)
+def batched_dot(v: jax.Array, u: jax.Array) -> jax.Array:
+    """``v[i] @ u[i]``, ``[B, T, K] x [B, K, N] -> [B, T, N]``: XLA's batched ``dot_general``."""
+    return jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
 
 
-def conv3x3_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
-    """Winograd ``F(m x m, 3 x 3)`` of :func:`conv3x3_direct`; ``m`` is 2 or 4.
+def conv3x3_winograd(x: jax.Array, kernel: jax.Array, m: int,
+                     product: Callable[[jax.Array, jax.Array], jax.Array] = batched_dot) -> jax.Array:
+    """Winograd ``F(m x m, 3 x 3)`` of the direct 3x3 convolution (padding 1); ``m`` is 2 or 4.
 
     ``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]`` for any ``H, W`` (the last tile
-    row and column are cut to size).
+    row and column are cut to size). ``product`` computes the ``(m + 2)^2`` batched matrix products
+    (:func:`batched_dot`, or a faster kernel of the same contract).
     """
     if m not in _TRANSFORMS:
         raise ValueError(f"Winograd tile size must be one of {sorted(_TRANSFORMS)}, got {m}")
-    bt, g, at = _TRANSFORMS[m]
+    with jax.named_scope("winograd"):
+        return _winograd(x, kernel, m, product)
+
+
+def _winograd(x, kernel, m, product):
+    bt, _, at = _TRANSFORMS[m]
     n, h, w, c_in = x.shape
     a = m + 2
     th, tw = -(-h // m), -(-w // m)
@@ -138,42 +135,9 @@ def conv3x3_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
     # G g G^T of every (C_in, C_out) pair as one product: the 9 taps against the 36 (or 16)
     # entries of kron(G, G), far cheaper on CPU than the einsum's two small contractions.
     u = (_kernel_transform(m) @ kernel.reshape(9, -1)).reshape(a * a, c_in, -1)   # [a_w * a_h, C_in, C_out]
-    prod = _batched_products(v, u)                      # [a_w * a_h, N * th * tw, C_out]
+    prod = product(v, u)                                # [a_w * a_h, N * th * tw, C_out]
     prod = prod.reshape(a, a, n, th, tw, -1)            # [a_w, a_h, N, th, tw, C_out]
     y = jnp.stack([_combine(r, [prod[:, i] for i in range(a)]) for r in at], 0)   # [m_h, a_w, ...]
     y = jnp.stack([_combine(r, [y[:, j] for j in range(a)]) for r in at], 0)      # [m_w, m_h, ...]
     y = y.transpose(2, 3, 1, 4, 0, 5).reshape(n, m * th, m * tw, -1)
     return y[:, :h, :w]
-
-
-def _forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    m = tile_size(*x.shape, x.dtype)
-    if m == 0 or kernel.dtype != x.dtype:
-        return conv3x3_direct(x, kernel)
-    return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(conv3x3_winograd, m=m),
-                                      default=conv3x3_direct)
-
-
-@jax.custom_vjp
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3x3, stride 1, padding 1 convolution, ``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``.
-
-    Winograd on CPU in float32 where :func:`tile_size` says so, XLA's convolution otherwise.
-    """
-    return _forward(x, kernel)
-
-
-def _conv3x3_fwd(x, kernel):
-    return _forward(x, kernel), (x, kernel)
-
-
-def _conv3x3_bwd(residuals, dy):
-    x, kernel = residuals
-    # d/dx of a padding-1 cross-correlation: the same convolution of dy with the kernel rotated
-    # by 180 degrees and its channel axes swapped.
-    dx = _forward(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    (dkernel,) = jax.linear_transpose(lambda k: conv3x3_direct(x, k), kernel)(dy)
-    return dx, dkernel
-
-
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

@@ -7,7 +7,7 @@ jaxprs (``jit``, ``remat``, ``custom_vjp`` ...), and adds up
   (``k_h * k_w * C_in / groups``);
 * ``dot_general``: output elements x the product of the contracted dimensions;
 * ``cond``: the costliest branch only (one runs), so a backend-dependent algorithm such as
-  :mod:`resattn_jax.winograd`'s counts as the direct convolution it computes.
+  :mod:`resattn_jax.ops.cpu.winograd`'s counts as the direct convolution it computes.
 
 Products inside the named scopes in ``exclude_scopes`` (by default the soft mask's bilinear
 up-sampling, which is interpolation, not a learned layer) are left out, so that the count is the

@@ -1,0 +1,193 @@
+"""The one place where this library chooses by backend: CPU fast paths, compiler options, host memory.
+
+Every other module asks here; nothing outside :mod:`resattn_jax.ops` imports :mod:`resattn_jax.ops.cpu`.
+
+* **Kernels.** Each function below computes one operation of the network with XLA's portable
+  formula, and on CPU in float32 with a faster path (:mod:`.cpu.winograd` for stride-1 3x3
+  convolutions, the OpenBLAS / batch-norm-sum custom calls of :mod:`.cpu.custom_calls`). The
+  choice is ``lax.platform_dependent``, resolved when the program is lowered, so a GPU or TPU
+  program contains XLA's formula only. Where the process's default backend is not the CPU, the CPU
+  path is not even traced and the custom calls are never loaded.
+* **Compiler options** (:func:`compiler_options`): per platform and step kind; only XLA:CPU gets any.
+* **Host memory** (:func:`tune_host_memory`): glibc settings that pay on XLA:CPU and cost memory
+  elsewhere, applied only when the run's devices will be CPUs, decided before JAX starts a backend
+  (:func:`cpu_only_run`).
+
+Switches: ``RESATTN_JAX_CPU_BLAS=0`` turns the custom calls off; ``RESATTN_JAX_RETAIN_HOST_MEMORY=0``
+or ``1`` skips or forces the host-memory setting; ``RESATTN_JAX_XLA_DEFAULTS=1``
+turns off the custom calls, the compiler options and the host-memory settings (Winograd stays:
+it is plain JAX); :func:`portable` traces without the custom calls, e.g. for exports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
+import threading
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from resattn_jax.ops.cpu import custom_calls, host, winograd
+
+__all__ = ["STEP_KINDS", "batched_products", "bn_grad_sums", "bn_sums", "compiler_options", "conv3x3_forward",
+           "cpu_only_run", "native_available", "portable", "tune_host_memory", "weight_gradient"]
+
+STEP_KINDS = ("train", "eval")
+_state = threading.local()
+_TN = (((0,), (0,)), ((), ()))
+
+
+def _xla_defaults_requested() -> bool:
+    return os.environ.get("RESATTN_JAX_XLA_DEFAULTS") == "1"
+
+
+@contextlib.contextmanager
+def portable():
+    """Trace without the custom calls (this thread), for programs run in another process, e.g.
+    exports: everything traced is plain StableHLO (Winograd, being plain JAX, stays on CPU).
+
+    It changes what is traced inside the block; a function that ``jax.jit`` already traced with the
+    same arguments keeps its program, so export fresh functions (as :mod:`resattn_jax.tools.export` does).
+    """
+    previous = getattr(_state, "portable", False)
+    _state.portable = True
+    try:
+        yield
+    finally:
+        _state.portable = previous
+
+
+def _cpu_paths() -> bool:
+    """Whether what is traced now may contain CPU fast paths (inside ``platform_dependent``)."""
+    return jax.default_backend() == "cpu"
+
+
+def native_available() -> bool:
+    """Whether the custom calls are used for what is traced now (CPU process, extension built and
+    loaded, not switched off, not :func:`portable`)."""
+    if os.environ.get("RESATTN_JAX_CPU_BLAS") == "0" or _xla_defaults_requested():
+        return False
+    return not getattr(_state, "portable", False) and _cpu_paths() and custom_calls.load()
+
+
+def _on_cpu(fast: Callable, xla: Callable, *operands, when: bool = True):
+    """``fast(*operands)`` when the program is lowered for CPU (and ``when``), else ``xla(*operands)``."""
+    if not when:
+        return xla(*operands)
+    return jax.lax.platform_dependent(*operands, cpu=fast, default=xla)
+
+
+def _native(native: Callable, xla: Callable, *operands):
+    """The custom call ``native`` on CPU for float32 operands where available, else ``xla``."""
+    float32 = all(x.dtype == jnp.float32 for x in operands)
+    return _on_cpu(native, xla, *operands, when=float32 and native_available())
+
+
+# ----------------------------------------------------------------------------------------- kernels
+def weight_gradient(rows: jax.Array, dy: jax.Array) -> jax.Array:
+    """``rows^T dy``, ``[M, C_in] x [M, C_out] -> [C_in, C_out]`` (a 1x1 convolution's weight gradient):
+    OpenBLAS on CPU in float32 (XLA:CPU's kernel runs this shape at half speed), else XLA's."""
+    return _native(custom_calls.matmul_tn, lambda a, b: jax.lax.dot_general(a, b, _TN), rows, dy)
+
+
+def batched_products(v: jax.Array, u: jax.Array) -> jax.Array:
+    """``v[i] @ u[i]``, ``[B, T, K] x [B, K, N] -> [B, T, N]`` (Winograd's products): OpenBLAS on CPU in
+    float32 (1.1-2x XLA:CPU's speed on these small products), else XLA's."""
+    return _native(custom_calls.batched_matmul, winograd.batched_dot, v, u)
+
+
+def bn_sums(x: jax.Array) -> jax.Array:
+    """``[sum(x), sum(x^2)]`` over rows, ``[M, C] -> [2, C]``: one pass on CPU in float32, else XLA's."""
+    return _native(custom_calls.bn_sums, custom_calls.bn_sums_xla, x)
+
+
+def bn_grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
+    """``[sum(dz), sum(dz * (x - mean))]`` over rows, ``dz`` the ReLU-masked ``dy`` (``relu``):
+    ``dy, x [M, C]``, ``mean, mul, bias [C]`` -> ``[2, C]``; one pass on CPU in float32, else XLA's."""
+    return _native(functools.partial(custom_calls.bn_grad_sums, relu=relu),
+                   functools.partial(custom_calls.bn_grad_sums_xla, relu=relu), dy, x, mean, mul, bias)
+
+
+def conv3x3_forward(x: jax.Array, kernel: jax.Array, direct: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """A stride-1, padding-1 3x3 convolution: Winograd on CPU in float32 where
+    :func:`.cpu.winograd.tile_size` says it pays, else ``direct(x, kernel)`` (XLA's convolution)."""
+    m = winograd.tile_size(*x.shape, x.dtype)
+    fast = functools.partial(winograd.conv3x3_winograd, m=m, product=batched_products)
+    return _on_cpu(fast, direct, x, kernel, when=m > 0 and kernel.dtype == x.dtype and _cpu_paths())
+
+
+# ----------------------------------------------------------------------------------------- compiling
+def _devices(mesh_or_devices) -> list:
+    if isinstance(mesh_or_devices, jax.sharding.Mesh):
+        return list(mesh_or_devices.devices.flat)
+    return list(mesh_or_devices if mesh_or_devices is not None else jax.devices())
+
+
+@functools.cache
+def _supported_options(platform: str, kind: str) -> tuple[tuple[str, Any], ...]:
+    """The options for steps of ``kind`` on ``platform`` that this jaxlib accepts."""
+    if platform != "cpu" or _xla_defaults_requested():
+        return ()
+    wanted = {**host.COMPILER_OPTIONS, **host.STEP_COMPILER_OPTIONS[kind]}
+    supported = []
+    for key, value in wanted.items():
+        try:  # A jaxlib that does not know the option rejects it at compile time: probe once.
+            probe = jax.device_put(jnp.zeros((), jnp.float32), jax.devices(platform)[0])
+            jax.jit(jnp.negative, compiler_options={key: value}).lower(probe).compile()
+        except Exception:  # noqa: BLE001 - any rejection means "not supported here"
+            continue
+        supported.append((key, value))
+    return tuple(supported)
+
+
+def compiler_options(mesh_or_devices=None, kind: str = "eval") -> dict[str, Any]:
+    """XLA options for steps of ``kind`` (``'train'``: forward and backward; ``'eval'``: forward
+    only) that run on ``mesh_or_devices`` (a mesh, devices, or all devices). Empty off CPU."""
+    if kind not in STEP_KINDS:
+        raise ValueError(f"unknown step kind {kind!r}; choose one of {STEP_KINDS}")
+    return dict(_supported_options(_devices(mesh_or_devices)[0].platform, kind))
+
+
+# ----------------------------------------------------------------------------------------- host memory
+def _accelerator_plugins() -> list[str]:
+    """Installed PJRT plugins that could give JAX a non-CPU default backend, found the way JAX finds
+    them (``jax_plugins`` namespace packages and entry points, ``libtpu``), without importing them."""
+    found = []
+    try:
+        import jax_plugins  # noqa: PLC0415 - namespace package, present only with plugins installed
+
+        found += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        pass
+    found += [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    if importlib.util.find_spec("libtpu") is not None:
+        found.append("libtpu")
+    return found
+
+
+def cpu_only_run() -> bool:
+    """Whether this process's JAX devices will be CPUs, decided before any backend starts:
+    ``JAX_PLATFORMS`` (or ``jax_platforms``) names ``cpu`` first, or no accelerator plugin is installed."""
+    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS") or ""
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not _accelerator_plugins()
+
+
+def tune_host_memory() -> bool:
+    """:func:`.cpu.host.retain_host_memory` when :func:`cpu_only_run` (call it before JAX starts its
+    backend, as the CLIs do); nothing on accelerator hosts, whose input pipelines decode on many
+    threads, or with ``RESATTN_JAX_XLA_DEFAULTS=1``. ``RESATTN_JAX_RETAIN_HOST_MEMORY=1`` (``0``)
+    applies (skips) it whatever the devices. Returns whether the settings were applied."""
+    forced = os.environ.get("RESATTN_JAX_RETAIN_HOST_MEMORY")
+    if forced not in (None, "", "0", "1"):
+        raise ValueError(f"RESATTN_JAX_RETAIN_HOST_MEMORY must be 0 or 1, got {forced!r}")
+    if forced == "0" or _xla_defaults_requested() or (forced != "1" and not cpu_only_run()):
+        return False
+    return host.retain_host_memory()

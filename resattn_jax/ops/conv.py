@@ -1,0 +1,148 @@
+"""Bias-free convolutions with Caffe's padding, NHWC: the one convolution every network layer uses.
+
+:func:`conv` returns the layer for a ``k x k`` window: 1x1 convolutions are matrix products over the
+channel axis (:class:`Conv1x1`, which XLA:CPU runs without the transposes its convolution path
+inserts), stride-1 3x3 convolutions are :class:`Conv3x3` (Winograd on CPU in float32, see
+:func:`conv3x3`), everything else ``flax.linen.Conv``. Every kernel keeps ``nn.Conv``'s
+``[k, k, C_in / groups, C_out]`` layout and the name ``kernel``, so parameter trees do not depend on
+which layer computes them. Padding reproduces Caffe's explicit symmetric padding (``pad = k // 2``),
+so strided 3x3 and 7x7 windows start at pixel 0 as in the official release. Initialisation: He /
+MSRA (``fan_out``, normal), as the Caffe ResNet prototxts use.
+
+The backend choices (OpenBLAS weight gradient, Winograd) are made in :mod:`resattn_jax.ops.backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from resattn_jax.ops import backend
+from resattn_jax.ops.varying import sum_like
+
+__all__ = ["Conv1x1", "Conv3x3", "conv", "conv3x3", "conv3x3_direct", "conv_init"]
+
+Dtype = Any
+
+#: He / MSRA initialisation, as the Caffe ResNet prototxts use.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+@jax.custom_vjp
+def _matmul(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``rows @ kernel``, ``[M, C_in] x [C_in, C_out] -> [M, C_out]``, with the weight gradient of
+    :func:`resattn_jax.ops.backend.weight_gradient` (reverse mode only)."""
+    return jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())))
+
+
+def _matmul_fwd(rows, kernel):
+    return _matmul(rows, kernel), (rows, kernel)
+
+
+def _matmul_bwd(residuals, dy):
+    rows, kernel = residuals
+    # Inside shard_map a replicated kernel's cotangent is the sum over devices.
+    return (jax.lax.dot_general(dy, kernel, (((1,), (1,)), ((), ()))),
+            sum_like(backend.weight_gradient(rows, dy), kernel))
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Conv1x1(nn.Module):
+    """Bias-free 1x1 convolution with stride, as a matrix product over the channel axis.
+
+    ``[N, H, W, C_in] -> [N, ceil(H/s), ceil(W/s), features]``. A stride-``s`` 1x1 convolution
+    without padding reads pixels ``0, s, 2s, ...`` exactly like Caffe's, so it is a strided slice
+    followed by a ``dot_general``.
+    """
+
+    features: int
+    strides: int = 1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+        if self.strides > 1:
+            x = x[:, :: self.strides, :: self.strides, :]
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        # One contracting dimension per operand, in the forward and in both transposes: with the
+        # batch and spatial axes flattened, XLA runs the weight gradient ``x^T dy`` as one matrix
+        # product instead of canonicalising three contracting axes through a transposed copy.
+        rows = x.reshape(-1, x.shape[-1])
+        y = _matmul(rows, kernel[0, 0])
+        return y.reshape(*x.shape[:-1], self.features)
+
+
+def conv3x3_direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``, XLA's convolution, padding 1."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _conv3x3_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return backend.conv3x3_forward(x, kernel, conv3x3_direct)
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3x3, stride 1, padding 1 convolution, ``[N, H, W, C_in] x [3, 3, C_in, C_out] -> [N, H, W, C_out]``.
+
+    Equal (up to rounding) to :func:`conv3x3_direct`; the algorithm is the backend's choice
+    (:func:`resattn_jax.ops.backend.conv3x3_forward`: Winograd on CPU in float32 on large enough
+    maps). The input gradient of a stride-1 3x3 convolution is itself one, so the backward pass
+    makes the same choice; the kernel gradient is XLA's. Reverse mode only (``jax.grad``,
+    ``jax.vjp``), to any order.
+    """
+    return _conv3x3_forward(x, kernel)
+
+
+def _conv3x3_fwd(x, kernel):
+    return _conv3x3_forward(x, kernel), (x, kernel)
+
+
+def _conv3x3_bwd(residuals, dy):
+    x, kernel = residuals
+    # d/dx of a padding-1 cross-correlation: the same convolution of dy with the kernel rotated
+    # by 180 degrees and its channel axes swapped.
+    dx = _conv3x3_forward(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    (dkernel,) = jax.linear_transpose(lambda k: conv3x3_direct(x, k), kernel)(dy)
+    return dx, dkernel
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+class Conv3x3(nn.Module):
+    """Bias-free 3x3 convolution, stride 1, padding 1: ``[N, H, W, C_in] -> [N, H, W, features]``
+    through :func:`conv3x3`."""
+
+    features: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", conv_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return conv3x3(x, kernel)
+
+
+def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, *, dtype: Dtype | None = None,
+         param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
+    """A bias-free ``k x k`` convolution with Caffe's symmetric padding ``k // 2``:
+    ``[N, H, W, C_in] -> [N, ceil(H/s), ceil(W/s), features]``."""
+    if kernel == 1 and groups == 1:
+        return Conv1x1(features, strides, dtype=dtype, param_dtype=param_dtype, name=name)
+    if kernel == 3 and strides == 1 and groups == 1:
+        return Conv3x3(features, dtype=dtype, param_dtype=param_dtype, name=name)
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=False, kernel_init=conv_init, dtype=dtype,
+                   param_dtype=param_dtype, name=name)
