@@ -33,7 +33,10 @@ setup(
         "resattn_jax.ops.cpu._native",
         sources=[f"{CSRC}/cpu_blas.cc", f"{CSRC}/bn_sums.cc"],
         depends=[f"{CSRC}/parallel_for.h"],
-        extra_compile_args=["-O3", "-std=c++17", "-w"],
+        # The flags the custom calls were measured with (docs/benchmarks.md): Python's own CFLAGS,
+        # which setuptools puts first, add -fwrapv (signed overflow defined, fewer loop
+        # optimisations) and -g; these switch both off again.
+        extra_compile_args=["-O3", "-std=c++17", "-w", "-fno-wrapv", "-g0"],
         libraries=["dl"],
         language="c++",
         optional=True,

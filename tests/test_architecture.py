@@ -124,3 +124,27 @@ def test_gpu_and_tpu_programs_contain_no_cpu_machinery(traced_steps, kind, platf
     assert not [target for target in custom_calls.TARGETS if target in text]
     assert "winograd" not in text  # the named scope of every Winograd transform
     assert "stablehlo.convolution" in text
+
+
+def test_a_non_cpu_process_never_traces_or_loads_the_cpu_paths(monkeypatch):
+    """Where the default backend is a GPU or TPU, tracing the model neither loads the extension nor
+    traces a CPU branch at all (lax.platform_dependent would drop it later, but its Python would run)."""
+    from resattn_jax.ops import backend
+
+    def must_not_load():
+        raise AssertionError("the CPU custom calls were loaded by a non-CPU process")
+
+    monkeypatch.setattr(backend.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(custom_calls, "load", must_not_load)
+    net = resattn_jax.create_model("tiny", stage_widths=(16, 32, 256), final_width=256)
+    variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    images = jnp.zeros((16, 32, 32, 3))
+
+    def loss(params):
+        logits, _ = net.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+        return jnp.sum(logits)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    assert "platform_index" not in jaxpr and "resattn_" not in jaxpr  # no CPU branch traced
+    monkeypatch.undo()
+    assert "platform_index" in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))  # the control
