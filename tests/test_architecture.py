@@ -79,6 +79,24 @@ def test_only_the_backend_module_imports_the_cpu_kernels():
             assert not cpu, f"{os.path.relpath(path, PACKAGE)} imports {sorted(cpu)}; ask resattn_jax.ops.backend"
 
 
+def test_config_files_load_without_tensorflow():
+    # Flags are parsed (and config files run) before anything else: TensorFlow is the input
+    # pipeline's, loaded when the first batch is read.
+    code = """
+        import glob, importlib, os, sys
+        for path in sorted(glob.glob("configs/*.py")):
+            name = os.path.basename(path)[:-3]
+            if name != "__init__":
+                importlib.import_module(f"configs.{name}").get_config()
+        print([m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets", "sklearn")])
+    """
+    root = os.path.dirname(PACKAGE)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+                          cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_importing_the_models_loads_no_training_tools_or_tensorflow():
     code = """
         import sys
@@ -134,11 +152,11 @@ def test_a_non_cpu_process_never_traces_or_loads_the_cpu_paths(monkeypatch):
     def must_not_load():
         raise AssertionError("the CPU custom calls were loaded by a non-CPU process")
 
+    net = resattn_jax.create_model("tiny", stage_widths=(16, 32, 256), final_width=256)
+    variables = jax.jit(lambda: net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))()
+    images = jnp.zeros((16, 32, 32, 3))
     monkeypatch.setattr(backend.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(custom_calls, "load", must_not_load)
-    net = resattn_jax.create_model("tiny", stage_widths=(16, 32, 256), final_width=256)
-    variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-    images = jnp.zeros((16, 32, 32, 3))
 
     def loss(params):
         logits, _ = net.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
