@@ -9,8 +9,9 @@ Every other module asks here; nothing outside :mod:`resattn_jax.ops` imports :mo
   program contains XLA's formula only. Where the process's default backend is not the CPU, the CPU
   path is not even traced and the custom calls are never loaded.
 * **Compiler options** (:func:`compiler_options`): per platform and step kind; only XLA:CPU gets any.
-* **Host memory** (:func:`tune_host_memory`): glibc settings that pay on XLA:CPU and cost memory
-  elsewhere, applied only when the run's devices will be CPUs, decided before JAX starts a backend
+* **Host memory** (:func:`tune_host_memory`): glibc settings that make XLA:CPU steps faster at a
+  price in host memory (docs/benchmarks.md) and would serialise an accelerator host's decoding
+  threads, applied only when the run's devices will be CPUs, decided before JAX starts a backend
   (:func:`cpu_only_run`).
 
 Switches: ``RESATTN_JAX_CPU_BLAS=0`` turns the custom calls off; ``RESATTN_JAX_RETAIN_HOST_MEMORY=0``

@@ -33,7 +33,9 @@ def retain_host_memory() -> bool:
     unmaps them on free, so every step re-faults its whole working set (470,000 page faults per
     Attention-56 train step at batch 8, about 12 % of its time). With one malloc arena, no
     ``mmap`` for large blocks and no trimming, the second step onwards reuses the same pages.
-    The price: the process keeps its peak host memory, and threads share one arena. Only
+    The price: the process keeps its peak host memory, and threads share one arena, which
+    fragments (the default digits run peaks at 5.0 GB instead of 2.2 GB) and makes threads take
+    turns (the in-memory input pipeline 1.4x slower; docs/benchmarks.md). Only
     effective before JAX starts its backend. Returns whether the settings were applied (``False``
     off glibc).
     """
