@@ -27,8 +27,8 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import resource
+import sys
 import time
 from typing import Any, Callable
 
@@ -40,7 +40,6 @@ from resattn_jax.models import create_model
 from resattn_jax.ops import backend
 from resattn_jax.tools.flops import count_macs, model_macs
 from resattn_jax.training import loop, parallel
-from resattn_jax.training.loop import DTYPES
 from resattn_jax.training.optim import create_optimizer, default_optimizer_config
 
 __all__ = ["PEAK_TFLOPS", "run_benchmark", "main"]
@@ -88,8 +87,8 @@ def run_benchmark(model: str = "attention56", image_size: int = 224, batch_size:
     augmentation, batching and the transfer to the devices); ``mock_examples`` runs it over
     ``tfds.testing.mock_data`` with that many random examples per split instead of prepared files.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {tuple(DTYPES)}")
+    if dtype not in loop.DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {tuple(loop.DTYPES)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     if input_kind not in ("synthetic", "pipeline"):
@@ -135,7 +134,7 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
         model, input_kind = None, "pipeline"
     else:
         axis = parallel.AXIS if parallel_mode == "pmap" else None
-        net = create_model(model, num_classes=num_classes, dtype=DTYPES[dtype], remat=remat, bn_axis_name=axis)
+        net = create_model(model, num_classes=num_classes, dtype=loop.DTYPES[dtype], remat=remat, bn_axis_name=axis)
         optimizer, schedule = create_optimizer(default_optimizer_config(), batch_size)
         image_shape = (image_size, image_size, 3)
         state = loop.create_train_state(net, optimizer, image_shape, 0, mesh)
@@ -268,7 +267,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="attention56")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=tuple(loop.DTYPES))
     parser.add_argument("--parallel", default="jit", choices=parallel.PARALLEL_MODES)
     parser.add_argument("--mode", default="train", choices=MODES,
                         help="'input': time the input pipeline alone (no model), at the dataset's image size")

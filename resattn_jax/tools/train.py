@@ -48,14 +48,13 @@ def _config_package_on_path(argv) -> None:
     """Config files import their siblings (``from configs import default``): put the folder that holds
     the config's package on ``sys.path``, as ``python train.py`` from the repository root does, so
     that the ``resattn-train`` console script finds them from anywhere."""
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and \
-            i + 1 < len(argv) else None
-        if value:
-            folder = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
-            if os.path.isfile(os.path.join(folder, "__init__.py")) and os.path.dirname(folder) not in sys.path:
-                sys.path.append(os.path.dirname(folder))
-
+    values = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    values += [value for flag, value in zip(argv, argv[1:]) if flag == "--config"]
+    for value in values:
+        folder = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))  # drop the ':ARG' suffix
+        root = os.path.dirname(folder)
+        if os.path.isfile(os.path.join(folder, "__init__.py")) and root not in sys.path:
+            sys.path.append(root)
 
 def parse_flags(argv):
     """absl flag parsing with one-line errors for bad config files and overrides."""
