@@ -142,3 +142,68 @@ def test_switch_and_missing_extension_fall_back_to_xla(tmp_path):
     assert len(warned) == 1 and "was not built at install time" in missing.stdout, missing.stdout
     assert missing.stdout.strip().endswith(str(copy / "resattn_jax" / "ops" / "backend.py"))  # the copy ran
     assert not list(home.iterdir())
+
+
+def _damaged_copies(directory):
+    """Copies of the built library, each with the original build record next to it: truncated to
+    half (which the dynamic loader maps and crashes on: SIGBUS), and with one byte flipped."""
+    library = cpu_blas.native_library()
+    record = library.with_name(library.name + ".sha256")
+    data = library.read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01
+    copies = {}
+    for kind, content in [("truncated", data[:len(data) // 2]), ("flipped", bytes(flipped))]:
+        (directory / kind).mkdir()
+        copies[kind] = directory / kind / library.name
+        copies[kind].write_bytes(content)
+        shutil.copyfile(record, directory / kind / record.name)
+    return copies
+
+
+def test_verify_native_accepts_the_built_library_and_rejects_damaged_copies(tmp_path):
+    library = cpu_blas.native_library()
+    cpu_blas.verify_native(library)                     # the build record written by setup.py
+    copies = _damaged_copies(tmp_path)
+    damaged = r"does not match its build record .*\({}\): the file is damaged"
+    with pytest.raises(RuntimeError, match=damaged.format(rf"size {len(copies['truncated'].read_bytes())} != \d+")):
+        cpu_blas.verify_native(copies["truncated"])
+    with pytest.raises(RuntimeError, match=damaged.format("sha256 [0-9a-f]{64} != [0-9a-f]{64}")):
+        cpu_blas.verify_native(copies["flipped"])
+    copies["flipped"].with_name(library.name + ".sha256").unlink()
+    with pytest.raises(RuntimeError, match="has no build record"):
+        cpu_blas.verify_native(copies["flipped"])
+    copies["truncated"].with_name(library.name + ".sha256").write_text("{\"size\": 1")
+    with pytest.raises(RuntimeError, match="is unreadable"):
+        cpu_blas.verify_native(copies["truncated"])
+
+
+def test_truncated_library_is_skipped_not_loaded(tmp_path):
+    truncated = _damaged_copies(tmp_path)["truncated"]
+    # Loaded unchecked, this copy crashes the process (SIGBUS) or at least fails to load.
+    assert subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(truncated)!r})"],
+                          capture_output=True, timeout=60).returncode != 0
+    code = f"""
+        import warnings, jax, jax.numpy as jnp
+        from pathlib import Path
+        from resattn_jax.ops.cpu import custom_calls
+        custom_calls.native_library = lambda: Path({str(truncated)!r})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from resattn_jax.ops import backend
+            ok = custom_calls.load()
+            assert not backend.native_available()
+            a = jnp.ones((6, 2)); b = jnp.ones((6, 3))
+            assert (jax.jit(backend.weight_gradient)(a, b) == 6).all()
+            assert "resattn_matmul_tn" not in jax.jit(lambda a, b: backend.weight_gradient(a, b)).lower(a, b).as_text()
+        print(ok)
+        for w in caught:
+            if "resattn_jax" in str(w.message):
+                print(w.message)
+    """
+    run = _fresh_process(code)
+    assert run.returncode == 0, (run.returncode, run.stderr)
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "False" and len(lines) == 2, run.stdout
+    assert "CPU custom calls unavailable" in lines[1] and "the file is damaged" in lines[1], run.stdout
+    assert f"{truncated} does not match its build record" in lines[1], run.stdout

@@ -12,8 +12,12 @@ once per sum (train step 1.10x on Attention-56).
 
 The C++ is compiled when the package is installed (``setup.py``: the extension
 ``resattn_jax.ops.cpu._native``, built against the FFI headers of the installed jaxlib); nothing
-is compiled or written at run time. The BLAS is the ``scipy-openblas64`` package, opened on first
-use. Where either is missing, :func:`load` returns ``False`` (with one warning saying why) and
+is compiled or written at run time. The build writes a record next to the library,
+``<library file name>.sha256`` (JSON: ``{"sha256": hex digest, "size": bytes}``), and
+:func:`verify_native` checks the library against it (size, then SHA-256) before it is opened: a
+truncated or damaged library would otherwise crash the process (SIGBUS) when it is mapped. The BLAS
+is the ``scipy-openblas64`` package, opened on first use. Where the library is missing or fails its
+check, or the BLAS is missing, :func:`load` returns ``False`` (with one warning saying why) and
 :mod:`resattn_jax.ops.backend`, the only caller, uses XLA's own products instead. The custom calls
 exist only on CPU and in float32, and nothing here checks the platform: the backend module
 decides when to call them.
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 
@@ -32,8 +38,8 @@ import jax.numpy as jnp
 
 from resattn_jax.ops.varying import sum_like, varying_axes
 
-__all__ = ["TARGETS", "load", "native_library", "matmul_tn", "batched_matmul", "bn_sums", "bn_grad_sums",
-           "bn_sums_xla", "bn_grad_sums_xla"]
+__all__ = ["TARGETS", "load", "native_library", "verify_native", "matmul_tn", "batched_matmul", "bn_sums",
+           "bn_grad_sums", "bn_sums_xla", "bn_grad_sums_xla"]
 
 _TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul",
             "resattn_bn_sums": "ResattnBnSums", "resattn_bn_grad_sums": "ResattnBnGradSums"}
@@ -61,13 +67,43 @@ def native_library() -> Path:
     return Path(spec.origin)
 
 
+def verify_native(path: Path) -> None:
+    """Check the library at ``path`` against its build record ``<path>.sha256`` (written by
+    ``setup.py``): its size, then its SHA-256. ``RuntimeError`` when the record is missing or
+    unreadable or the library does not match it."""
+    path = Path(path)
+    record = path.with_name(path.name + ".sha256")
+    fix = "reinstall with pip install -e ."
+    try:
+        expected = json.loads(record.read_text())
+        size, sha256 = int(expected["size"]), str(expected["sha256"])
+    except FileNotFoundError:
+        raise RuntimeError(f"{path} has no build record {record}: cannot check it; {fix}") from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise RuntimeError(f"the build record {record} of {path} is unreadable ({e!r}); {fix}") from None
+    actual = path.stat().st_size
+    if actual != size:
+        raise RuntimeError(f"{path} does not match its build record {record} (size {actual} != {size}): "
+                           f"the file is damaged; {fix}")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise RuntimeError(f"{path} does not match its build record {record} (sha256 {digest.hexdigest()} != "
+                           f"{sha256}): the file is damaged; {fix}")
+
+
 @functools.cache
 def load() -> bool:
-    """Load the extension and OpenBLAS and register the custom calls, once per process; ``False``
-    (with one warning) when either is missing."""
+    """Load the extension (checked by :func:`verify_native`) and OpenBLAS and register the custom
+    calls, once per process; ``False`` (with one warning) when either is missing or the extension
+    fails its check."""
     try:
         blas_path, sgemm_symbol, threads_symbol = _openblas()
-        library = ctypes.CDLL(str(native_library()))
+        path = native_library()
+        verify_native(path)  # before mapping it: a truncated library crashes the process
+        library = ctypes.CDLL(str(path))
         status = library.resattn_cpu_blas_load(blas_path.encode(), sgemm_symbol.encode())
         if status != 0:
             raise RuntimeError(f"could not load {sgemm_symbol} from {blas_path} (status {status})")
