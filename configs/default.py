@@ -33,6 +33,8 @@ def get_config():
     config.parallel = "jit"     # 'jit' (sharded global step) or 'pmap' (per-device step, BN synced)
     config.dtype = "float32"    # compute dtype; 'bfloat16' keeps float32 parameters
     config.nan_policy = "stop"  # 'stop' at a non-finite loss/gradient, or 'skip' the update and count it
+    config.max_skipped_fraction = 0.1  # with 'skip': stop (status 3) once more of the steps were skipped
+    config.allow_config_change = False  # resume even if fields other than lengths/intervals changed
 
     # Logging, evaluation, checkpoints (in iterations).
     config.log_every_steps = 100

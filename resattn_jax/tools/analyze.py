@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ from matplotlib.figure import Figure
 
 from resattn_jax.tools import figures, inference
 from resattn_jax.training import loop
+from resattn_jax.training.metrics import read_metrics as read_metrics_log
 
 __all__ = ["CURVES", "curves_figure", "main", "read_metrics", "response_figure", "stage_responses"]
 
@@ -61,24 +61,17 @@ def response_figure(responses: dict[str, dict[str, float]], title: str) -> Figur
 def read_metrics(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{key: (steps int [T], values float [T])}`` from ``workdir/metrics.jsonl``, sorted by step.
 
-    A step logged twice (a resumed run repeats the steps after its last checkpoint) keeps its last value.
+    A step logged twice (a resumed run repeats the steps after its last checkpoint) keeps its last value;
+    unparsable lines (a record cut by a kill) are skipped.
     """
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{os.path.abspath(workdir)} has no metrics.jsonl (not a training workdir)")
     series = collections.defaultdict(dict)
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                step = int(record.pop("step"))
-            except (ValueError, KeyError):
-                raise ValueError(f"{path}:{number} is not a JSON metrics record with a step") from None
-            for key, value in record.items():
-                if key != "time":
-                    series[key][step] = float(value)  # 'nan'/'inf' strings included
+    for step, record in read_metrics_log(path).items():  # tolerant: a killed run's partial line is skipped
+        for key, value in record.items():
+            if key != "time":
+                series[key][step] = float(value)  # 'nan'/'inf' strings included
     if not series:
         raise ValueError(f"{path} holds no metrics")
     return {key: (np.array(sorted(by_step)), np.array([by_step[s] for s in sorted(by_step)]))

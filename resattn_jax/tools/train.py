@@ -4,12 +4,17 @@
     python train.py --config configs/cifar.py:cifar100,attention92 --workdir runs/c100_a92 \
         --config.global_batch_size=128 --config.dtype=bfloat16
 
-Rerunning with the same --workdir resumes from its latest checkpoint. Exit status: 0 done,
-2 bad configuration or input, 3 non-finite loss/gradient, 143 preempted (checkpoint saved).
+Rerunning with the same --workdir resumes from its latest good checkpoint (one run per workdir;
+a resume must use the same config but for its length and intervals). Exit status: 0 done,
+2 bad configuration, input or workdir, 3 non-finite loss/gradient, 1 any other failure (one line;
+the traceback goes to WORKDIR/error.log, or to the console with --verbose), 143 preempted
+(checkpoint saved), 130 interrupted twice (Ctrl-C Ctrl-C: at once, nothing saved).
 """
 
+import logging
 import os
 import sys
+import traceback
 
 # TensorFlow is only tfds's input backend here: keep its start-up chatter off the console (its
 # oneDNN option concerns TF's own matrix kernels, which the input pipeline does not use).
@@ -24,6 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 from resattn_jax.ops import backend  # noqa: E402
 from resattn_jax.training import loop as train_lib  # noqa: E402
 from resattn_jax.training import parallel  # noqa: E402
+from resattn_jax.training.checkpoint import CheckpointWriteError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:ARG]).", lock_config=True)
@@ -37,11 +43,75 @@ flags.DEFINE_integer("num_processes", int(os.environ["JAX_NUM_PROCESSES"]) if "J
 flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
                      "This process's index in [0, num_processes) (env JAX_PROCESS_ID).")
 flags.DEFINE_bool("distributed_auto", False, "Join a multi-process job detected by JAX (Cloud TPU, SLURM).")
+flags.DEFINE_bool("verbose", False, "Print full tracebacks: of a failure, and of the libraries' logged errors.")
 
 
-def fail(message: str, status: int = 2):
-    print(f"train.py: error: {message}", file=sys.stderr)
+def fail(message: str, status: int = 2, now: bool = False):
+    """Print ``message`` as one line and exit with ``status``. ``now``: skip the interpreter's
+    shutdown, where the threads of a failed asynchronous save print their tracebacks."""
+    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    if now:
+        sys.stdout.flush()
+        os._exit(status)
     sys.exit(status)
+
+
+class OneLineLogs(logging.Filter):
+    """Library log records as one line each, without tracebacks, each distinct line once; of the
+    error records (Orbax's failed background saves, asyncio's unretrieved task errors: hundreds of
+    lines on a full disk) only the first. The failure itself is reported by :func:`main`."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen = set()
+        self._errors = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage().strip().splitlines()
+        line = message[0][:300] if message else ""
+        if record.exc_info and record.exc_info[1] is not None:
+            line = f"{line} ({describe(record.exc_info[1])})" if line else describe(record.exc_info[1])
+        record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = line, None, None, None, None
+        if (record.levelno, line) in self._seen:
+            return False
+        self._seen.add((record.levelno, line))
+        if record.levelno >= logging.ERROR:
+            self._errors += 1
+            return self._errors == 1
+        return True
+
+
+def _quiet_closed_loop_errors() -> None:
+    """After a background save fails, Orbax closes its event loop while TensorStore still completes
+    writes into it: each completion prints a 'RuntimeError: Event loop is closed' traceback (through
+    ``sys.excepthook`` or ``sys.unraisablehook``). Drop those; the failure is reported once."""
+    def closed_loop(error) -> bool:
+        return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+    default_excepthook, default_unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda kind, error, tb: None if closed_loop(error) else default_excepthook(kind, error, tb)
+    sys.unraisablehook = lambda info: None if closed_loop(info.exc_value) else default_unraisablehook(info)
+
+
+def describe(error: BaseException) -> str:
+    """One line for an exception: an OS error's cause and path, else its type and first line."""
+    while not isinstance(error, OSError) and error.__cause__ is not None:
+        error = error.__cause__
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _save_traceback(error: BaseException) -> str:
+    """Write the traceback to WORKDIR/error.log; returns a hint naming it ('' when it cannot be written)."""
+    path = os.path.join(os.path.abspath(FLAGS.workdir), "error.log")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(error)))
+    except OSError:
+        return ""
+    return f" (traceback in {path}; --verbose prints it)"
 
 
 def _config_package_on_path(argv) -> None:
@@ -78,6 +148,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # tfds/jax INFO chatter; progress goes to stderr
+    if not FLAGS.verbose:
+        one_line = OneLineLogs()
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(one_line)
+        _quiet_closed_loop_errors()
     try:
         backend.tune_host_memory()  # CPU runs only; before JAX starts its backend threads
         if FLAGS.distributed_auto or FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
@@ -88,9 +163,15 @@ def main(argv):
         fail(str(e))
     except train_lib.NonFiniteError as e:
         fail(str(e), status=3)
+    except CheckpointWriteError as e:
+        fail(str(e) + _save_traceback(e), status=1, now=True)
     except train_lib.Preempted as e:
         print(f"train.py: {e}", file=sys.stderr)
         return train_lib.PREEMPTED_EXIT_CODE
+    except Exception as e:  # noqa: BLE001 - disk full, unreadable files, a bug: one line, traceback kept
+        if FLAGS.verbose:
+            raise
+        fail(describe(e) + _save_traceback(e), status=1, now=True)
     if jax.process_index() != 0:  # process 0 reports for a multi-process job
         return 0
     print(f"test accuracy {summary['test_accuracy']:.4f} (top-5 {summary['test_top5']:.4f}) with "

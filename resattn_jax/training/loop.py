@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -29,6 +28,8 @@ from resattn_jax.training import data, parallel
 from resattn_jax.training.checkpoint import CheckpointError, Checkpoints, abstract_like
 from resattn_jax.training.metrics import MetricWriter, Progress
 from resattn_jax.training.optim import create_optimizer
+from resattn_jax.training.workdir import (WorkdirLock, atomic_write_text, check_writable, config_changes,
+                                          config_fingerprint, lock_holder)
 
 __all__ = [
     "CheckpointError",
@@ -52,6 +53,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NAN_POLICIES = ("stop", "skip")
 #: Exit status of ``train.py`` after a preemption (SIGTERM/SIGINT) checkpoint: 128 + SIGTERM.
 PREEMPTED_EXIT_CODE = 143
+#: Exit status after a second SIGINT (Ctrl-C twice): 128 + SIGINT, at once, without saving.
+INTERRUPTED_EXIT_CODE = 130
 
 
 class NonFiniteError(RuntimeError):
@@ -202,19 +205,34 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     for name in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         if int(config[name]) <= 0:
             raise ValueError(f"{name} must be positive, got {config[name]}")
+    if not 0.0 <= float(config.max_skipped_fraction) <= 1.0:
+        raise ValueError(f"max_skipped_fraction must be in [0, 1], got {config.max_skipped_fraction}")
     info = data.dataset_info(config.data)
     model = build_model(config, info)  # unknown model names/options raise here
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False))
     return info
 
 
-def _check_workdir(workdir: str) -> None:
+def _check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """On a resume (the workdir has checkpoints), stop with ``ValueError`` listing the fields that
+    differ from the stored ``config.json``, unless ``config.allow_config_change``; print the
+    changes that are allowed."""
+    config_path = os.path.join(workdir, "config.json")
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if not (os.path.isfile(config_path) and os.path.isdir(checkpoint_dir)
+            and any(name.isdigit() for name in os.listdir(checkpoint_dir))):
+        return
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+        with open(config_path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_path} is unreadable ({e}); move it away to start over, or restore it") from None
+    changed, allowed = config_changes(stored, config)
+    if changed and not config.allow_config_change:
+        raise ValueError(f"the config differs from the one this workdir was trained with ({'; '.join(changed)}); "
+                         "use a new workdir, or --config.allow_config_change=True to continue anyway")
+    if jax.process_index() == 0 and (changed or allowed):
+        print(f"resuming with a changed config: {'; '.join(changed + allowed)}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -251,6 +269,7 @@ class _StopSignals:
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._exit = os._exit  # a second SIGINT leaves at once (tests replace this)
 
     def __enter__(self):
         signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
@@ -262,6 +281,11 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received is not None:
+            # Ctrl-C twice: leave now. Committed checkpoints are complete directories; an
+            # unfinished save is a temporary directory that the next run removes.
+            print("\ntrain.py: interrupted twice; exiting without saving", file=sys.stderr, flush=True)
+            self._exit(INTERRUPTED_EXIT_CODE)
         self.received = signum
 
     def __exit__(self, *exc):
@@ -284,21 +308,33 @@ def _state_dict(state: TrainState) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        batch_hook: Callable[[int, dict], None] | None = None) -> dict:
-    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint) and write ``summary.json``.
+    """Train ``config`` in ``workdir`` (resuming from its latest good checkpoint) and write ``summary.json``.
 
     Returns the summary dict. ``batch_hook(step, host_batch)``, if given, sees every training batch
-    before it is used (for tests and debugging). Raises ``ValueError`` for bad configs (before
-    anything is written), :class:`NonFiniteError` and :class:`Preempted` as documented.
+    before it is used (for tests and debugging). Raises ``ValueError`` for bad configs, a workdir in
+    use by another run or a resume with a changed config (all before anything is written),
+    :class:`NonFiniteError` and :class:`Preempted` as documented.
     """
     workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    holder = lock_holder(workdir) if is_main else None  # asked first: a busy workdir answers at once
+    if holder:
+        raise ValueError(f"workdir {workdir} is in use by {holder} (one run per workdir; wait for it or stop it)")
     info = _validate_once_per_job(config)
-    _check_workdir(workdir)
+    check_writable(workdir)
+    lock = WorkdirLock(workdir).acquire() if is_main else None  # held until this function returns
+    try:
+        _check_resume_config(config, workdir)
+        return _train_locked(config, workdir, info, batch_hook)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.DatasetInfo,
+                  batch_hook: Callable[[int, dict], None] | None) -> dict:
     is_main = jax.process_index() == 0
     mesh = parallel.make_mesh()
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
     model = build_model(config, info)
     optimizer, schedule = create_optimizer(config.optimizer, config.global_batch_size)
     state = create_train_state(model, optimizer, info.image_shape, config.seed, mesh)
@@ -307,17 +343,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_step = parallel.compile_eval_step(make_eval_step(), "jit", mesh)
 
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
-    meta = {"step": 0, "best_step": None, "best_validation_accuracy": None}
+    fingerprint = config_fingerprint(config)
+    meta = {"step": 0, "best_step": None, "best_validation_accuracy": None, "config_fingerprint": fingerprint}
     abstract = abstract_like(_state_dict(state))
     if checkpoints.steps():
         restored, meta, step = checkpoints.restore(abstract)
         state = serialization.from_state_dict(state, restored)
+        meta = {**meta, "config_fingerprint": fingerprint}
         if is_main:
             print(f"resuming from {checkpoints.path(step)}", file=sys.stderr)
     start_step = int(meta["step"])
     total = int(config.num_train_steps)
+    if is_main:  # only now: the config was checked against the stored one and the state restored
+        atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
-    writer = MetricWriter(workdir, active=is_main)
+    writer = MetricWriter(workdir, active=is_main, resume_step=start_step)
     progress = Progress(total, start_step, active=is_main and config.progress_bar)
     batches = data.train_batches(config.data, config.global_batch_size, config.seed, start_step,
                                  jax.process_index(), jax.process_count())
@@ -340,19 +380,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if step == last_saved:
             return
         last_saved = step
-        metrics = None
+        meta = {**meta, "step": step, "validation_accuracy": None}
         if validation is not None:
-            metrics = {"validation_accuracy": validation["accuracy"]}
-            # Ties go to the later step, as Orbax's BestN keeps the later of two equal checkpoints.
+            meta["validation_accuracy"] = validation["accuracy"]
+            # Ties go to the later step.
             if meta["best_validation_accuracy"] is None or validation["accuracy"] >= meta["best_validation_accuracy"]:
-                meta = {**meta, "best_step": step, "best_validation_accuracy": validation["accuracy"]}
-        meta = {**meta, "step": step}
-        checkpoints.save(step, _state_dict(state), meta, metrics)
+                meta.update(best_step=step, best_validation_accuracy=validation["accuracy"])
+        checkpoints.save(step, _state_dict(state), meta)
 
+    max_skipped = float(config.max_skipped_fraction) * total
     train_start = time.perf_counter()
     pending: list[dict] = []
     window_start, window_step = time.perf_counter(), start_step
     step = start_step
+    nonfinite = int(jax.device_get(state.nonfinite_steps))
     try:
         with _StopSignals() as signals:
             while step < total:
@@ -363,20 +404,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     # The only host sync of the step loop.
                     fetched, (nonfinite, first_bad) = jax.device_get(
                         (pending, (state.nonfinite_steps, state.first_nonfinite_step)))
+                    nonfinite = int(nonfinite)
                     elapsed = time.perf_counter() - window_start
                     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                     scalars["images_per_sec"] = (step - window_step) * config.global_batch_size / max(elapsed, 1e-9)
-                    scalars["nonfinite_steps"] = int(nonfinite)
+                    scalars["nonfinite_steps"] = nonfinite
                     writer.write(step, {f"train_{k}" if k != "learning_rate" else k: v for k, v in scalars.items()})
                     progress.update(step, f"loss {scalars['loss']:.4f} acc {scalars['accuracy']:.3f} "
                                           f"{scalars['images_per_sec']:.0f} img/s")
                     pending, window_start, window_step = [], time.perf_counter(), step
-                    if int(nonfinite) and config.nan_policy == "stop":
+                    if nonfinite and (config.nan_policy == "stop" or nonfinite > max_skipped):
                         checkpoints.wait()
                         last = checkpoints.steps()
                         where = f"; the last good checkpoint is {checkpoints.path(last[-1])}" if last else ""
-                        raise NonFiniteError(f"non-finite loss or gradient at step {int(first_bad) + 1} "
-                                             f"(update not applied){where}")
+                        if config.nan_policy == "stop":
+                            raise NonFiniteError(f"non-finite loss or gradient at step {int(first_bad) + 1} "
+                                                 f"(update not applied){where}")
+                        raise NonFiniteError(f"{nonfinite} of {step} steps skipped for a non-finite loss or "
+                                             f"gradient (first at step {int(first_bad) + 1}), more than "
+                                             f"max_skipped_fraction={config.max_skipped_fraction} of the {total} "
+                                             f"steps{where}")
                 if step % config.eval_every_steps == 0 or step == total:
                     save(step, run_validation(step))
                 elif step % config.checkpoint_every_steps == 0:
@@ -392,8 +439,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # Test: the checkpoint selected on validation accuracy (never on the test split).
         best_step = meta["best_step"] if meta["best_step"] is not None else step
         if best_step != step:
-            restored, _, _ = checkpoints.restore(abstract, step=best_step)
-            state = serialization.from_state_dict(state, restored)
+            try:
+                restored, _, _ = checkpoints.restore(abstract, step=best_step)
+                state = serialization.from_state_dict(state, restored)
+            except CheckpointError as e:
+                print(f"train.py: warning: the best checkpoint (step {best_step}) cannot be restored ({e}); "
+                      f"testing the final state (step {step})", file=sys.stderr)
+                best_step = step
         test = evaluate(eval_step, state, data.eval_batches(config.data, "test", config.eval_batch_size,
                                                             jax.process_index(), jax.process_count()), mesh)
         writer.write(step, {f"test_{k}": v for k, v in test.items()})
@@ -401,13 +453,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             "test_accuracy": test["accuracy"], "test_top5": test["top5"], "test_loss": test["loss"],
             "test_examples": test["count"], "best_checkpoint": checkpoints.path(best_step), "best_step": best_step,
             "best_validation_accuracy": meta["best_validation_accuracy"], "train_seconds": train_seconds,
-            "steps": step, "resumed_from_step": start_step, "model": config.model.name,
+            "steps": step, "resumed_from_step": start_step, "skipped_steps": nonfinite, "model": config.model.name,
             "dataset": config.data.name, "num_devices": jax.device_count(), "parallel": config.parallel,
-            "dtype": config.dtype,
+            "dtype": config.dtype, "config_fingerprint": fingerprint,
         }
         if is_main:
-            with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
+            atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
         return summary
     finally:
         checkpoints.close()
@@ -451,7 +502,7 @@ def load_trained(workdir: str, checkpoint: str | int = "best", mesh=None) -> Tra
     no_checkpoints = ValueError(f"{workdir} has no checkpoints (train first: python train.py --workdir {workdir} ...)")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise no_checkpoints  # checked first: opening the manager would create the directory
-    checkpoints = Checkpoints(workdir, async_save=False)
+    checkpoints = Checkpoints(workdir, read_only=True)  # works on archived, read-only runs
     try:
         steps = checkpoints.steps()
         if not steps:

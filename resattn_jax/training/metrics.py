@@ -3,6 +3,10 @@
 Only process 0 writes (``active=False`` elsewhere). Event files are written with ``tensorboardX``
 (a small writer-only package: no TensorFlow or TensorBoard needed to write them; view them with
 ``tensorboard --logdir WORKDIR/tensorboard``).
+
+A resumed run repairs ``metrics.jsonl`` first: a half-written last line (the previous run was
+killed mid-write) is cut, and records after the restored step, which the resumed run writes
+again, are dropped. :func:`read_metrics` reads it tolerantly, the last value per step and key winning.
 """
 
 from __future__ import annotations
@@ -16,18 +20,60 @@ from typing import Mapping
 
 from tensorboardX import SummaryWriter
 
-__all__ = ["MetricWriter", "Progress"]
+__all__ = ["MetricWriter", "Progress", "read_metrics"]
+
+
+def read_metrics(path: str) -> dict[int, dict]:
+    """``{step: {key: value}}`` from a ``metrics.jsonl``, sorted by step: records of one step are
+    merged, a later value of a key replacing an earlier one; unparsable lines are skipped."""
+    merged: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                step = int(record.pop("step"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            merged.setdefault(step, {}).update(record)
+    return dict(sorted(merged.items()))
+
+
+def _repair(path: str, resume_step: int) -> None:
+    """Cut a partial last line and drop records after ``resume_step`` (rewritten atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    lines = text.split("\n")
+    complete = lines[:-1]  # what follows the last newline is a partial record (or empty)
+    kept = []
+    for line in complete:
+        try:
+            if int(json.loads(line)["step"]) > resume_step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            continue  # a damaged line
+        kept.append(line)
+    if kept != lines[:-1] or lines[-1]:
+        from resattn_jax.training.workdir import atomic_write_text  # noqa: PLC0415
+
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricWriter:
-    """Writes ``{'step': s, **scalars}`` to ``metrics.jsonl`` and to TensorBoard under ``tensorboard/``."""
+    """Writes ``{'step': s, **scalars}`` to ``metrics.jsonl`` and to TensorBoard under ``tensorboard/``.
 
-    def __init__(self, workdir: str, active: bool = True):
+    ``resume_step``: the step a resumed run restarts from (the log is repaired first, see above).
+    """
+
+    def __init__(self, workdir: str, active: bool = True, resume_step: int | None = None):
         self.active = active
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if not active:
             return
+        if resume_step is not None:
+            _repair(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
