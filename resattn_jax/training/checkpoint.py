@@ -153,6 +153,7 @@ class Checkpoints:
             self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
         self._in_flight: int | None = None
         self._best_step: int | None = None
+        self._saved = False
 
     # ------------------------------------------------------------------------------ saving
     def save(self, step: int, state: Any, meta: dict) -> None:
@@ -161,7 +162,7 @@ class Checkpoints:
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                             meta=ocp.args.JsonSave(meta)), force=True)
         # Orbax finished the previous save before starting this one: seal and prune the committed ones.
-        self._in_flight, self._best_step = step, meta.get("best_step")
+        self._in_flight, self._best_step, self._saved = step, meta.get("best_step"), True
         self._seal_committed()
 
     def wait(self) -> None:
@@ -172,18 +173,27 @@ class Checkpoints:
         self._seal_committed()
 
     def _seal_committed(self) -> None:
-        if self.read_only or not self.primary:
+        """Prune, then write the manifests of the committed checkpoints that have none.
+
+        Pruning keeps the latest ``keep`` committed checkpoints and the best one named by the meta of
+        the latest save; it happens only after a save by this object (before one, the best step is
+        not known yet). Every process prunes (Orbax's delete is collective); process 0 seals.
+        """
+        if self.read_only:
             return
         committed = [s for s in self.steps() if s != self._in_flight]
-        for step in committed:
-            if not os.path.exists(os.path.join(self.path(step), MANIFEST)):
-                self.write_manifest(step)
-        keep = set(committed[-self.keep:]) if self.keep > 0 else set()
-        if self._best_step is not None:
-            keep.add(int(self._best_step))
-        for step in committed:
-            if step not in keep:
-                self.manager.delete(step)
+        if self._saved:
+            keep = set(committed[-self.keep:]) if self.keep > 0 else set()
+            if self._best_step is not None:
+                keep.add(int(self._best_step))
+            for step in committed:
+                if step not in keep:
+                    self.manager.delete(step)
+            committed = [s for s in committed if s in keep]
+        if self.primary:
+            for step in committed:
+                if not os.path.exists(os.path.join(self.path(step), MANIFEST)):
+                    self.write_manifest(step)
 
     def write_manifest(self, step: int) -> None:
         """Record the size and sha256 of every file of the committed checkpoint ``step``."""
