@@ -29,7 +29,7 @@ from resattn_jax.training.checkpoint import CheckpointError, Checkpoints, abstra
 from resattn_jax.training.metrics import MetricWriter, Progress
 from resattn_jax.training.optim import create_optimizer
 from resattn_jax.training.workdir import (WorkdirLock, atomic_write_text, check_writable, config_changes,
-                                          config_fingerprint, lock_holder)
+                                          config_fingerprint, ensure_free)
 
 __all__ = [
     "CheckpointError",
@@ -317,9 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
-    holder = lock_holder(workdir) if is_main else None  # asked first: a busy workdir answers at once
-    if holder:
-        raise ValueError(f"workdir {workdir} is in use by {holder} (one run per workdir; wait for it or stop it)")
+    if is_main:
+        ensure_free(workdir)  # asked first: a busy workdir answers at once
     info = _validate_once_per_job(config)
     check_writable(workdir)
     lock = WorkdirLock(workdir).acquire() if is_main else None  # held until this function returns

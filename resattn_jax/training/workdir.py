@@ -27,7 +27,7 @@ import time
 from typing import Any, Mapping
 
 __all__ = ["MUTABLE_FIELDS", "WorkdirBusy", "WorkdirLock", "atomic_write_text", "check_writable",
-           "config_changes", "config_fingerprint", "flatten", "lock_holder"]
+           "config_changes", "config_fingerprint", "ensure_free", "flatten", "lock_holder"]
 
 #: Config fields a resumed run may change freely: how far to train, how often to log, evaluate and
 #: save, and what to do about non-finite steps (both policies leave such an update unapplied). The
@@ -79,6 +79,18 @@ def lock_holder(workdir: str) -> str | None:
         os.close(fd)
 
 
+def ensure_free(workdir: str) -> None:
+    """:class:`WorkdirBusy` when another process holds ``workdir``'s lock (asked read-only: cheap,
+    and possible before the workdir is known to be writable)."""
+    holder = lock_holder(workdir)
+    if holder:
+        raise WorkdirBusy(_busy(workdir, holder))
+
+
+def _busy(workdir: str, holder: str) -> str:
+    return f"workdir {workdir} is in use by {holder} (one run per workdir; wait for it or stop it)"
+
+
 def _describe_holder(fd: int) -> str:
     try:
         record = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
@@ -107,8 +119,7 @@ class WorkdirLock:
         except BlockingIOError:
             holder = _describe_holder(fd)
             os.close(fd)
-            raise WorkdirBusy(f"workdir {os.path.dirname(self.path)} is in use by {holder} "
-                              f"(one run per workdir; wait for it or stop it)") from None
+            raise WorkdirBusy(_busy(os.path.dirname(self.path), holder)) from None
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, record.encode(), 0)
