@@ -1,5 +1,6 @@
 """resattn_jax.batchnorm.BatchNorm against flax.linen.BatchNorm: variables, values, statistics, gradients."""
 
+import contextlib
 import functools
 
 import jax
@@ -10,7 +11,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from resattn_jax.ops.batchnorm import BatchNorm, norm_relu
+from resattn_jax.ops import backend
+from resattn_jax.ops.batchnorm import BatchNorm, batch_norm_train, norm_relu
 
 SHAPE = (4, 6, 5, 8)
 
@@ -138,3 +140,43 @@ def test_norm_relu_falls_back_to_a_separate_relu_for_other_norms():
     ours = Net(functools.partial(BatchNorm, use_running_average=True, epsilon=1e-5)).apply(variables, x)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
     assert float(jnp.min(theirs)) == 0.0
+
+
+def _far_from_zero(shape, seed=5):
+    """float32 data with |mean|/std = 1000 per channel, where ``E[x^2] - E[x]^2`` loses ~all digits."""
+    return 1000.0 + jax.random.normal(jax.random.key(seed), shape)
+
+
+def _float64_statistics(x, axes=(0, 1, 2)):
+    x = np.asarray(x, np.float64)
+    return x.mean(axes), x.var(axes)
+
+
+@pytest.mark.parametrize("custom_calls", [True, False])
+def test_variance_keeps_float32_precision_at_mean_1000_std(custom_calls):
+    x = _far_from_zero((16, 8, 8, 32))
+    c = x.shape[-1]
+    statistics = lambda x: batch_norm_train(x, jnp.ones(c), jnp.zeros(c), 1e-5, True, None, jnp.float32)[1:]  # noqa: E731
+    with contextlib.nullcontext() if custom_calls else backend.portable():
+        compiled = jax.jit(statistics).lower(x)
+    assert ("resattn_bn_sums" in compiled.as_text()) == custom_calls  # the path under test is the one run
+    mean, var = compiled.compile()(x)
+    mean_ref, var_ref = _float64_statistics(x)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-4)
+
+
+def test_per_device_variance_keeps_precision_and_combines_exactly():
+    """Devices with different local means (1000 + 0, 0.5, 1, 1.5): the all-gather combination is the
+    variance of the whole batch, at |mean|/std = 1000."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    x = _far_from_zero((8, 6, 5, 16)) + jnp.repeat(0.5 * jnp.arange(4.0), 2)[:, None, None, None]
+    c = x.shape[-1]
+
+    def statistics(x):
+        return batch_norm_train(x, jnp.ones(c), jnp.zeros(c), 1e-5, False, "data", jnp.float32)[1:]
+
+    mean, var = jax.jit(jax.shard_map(statistics, mesh=mesh, in_specs=P("data"), out_specs=P()))(x)
+    mean_ref, var_ref = _float64_statistics(x)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-4)

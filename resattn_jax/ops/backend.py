@@ -104,7 +104,8 @@ def batched_products(v: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def bn_sums(x: jax.Array) -> jax.Array:
-    """``[sum(x), sum(x^2)]`` over rows, ``[M, C] -> [2, C]``: one pass on CPU in float32, else XLA's."""
+    """``[sum(d), sum(d^2)]`` over rows, ``d = x - x[0]`` (shifted sums), ``[M, C] -> [2, C]``: one pass on
+    CPU in float32, else XLA's."""
     return _native(custom_calls.bn_sums, custom_calls.bn_sums_xla, x)
 
 

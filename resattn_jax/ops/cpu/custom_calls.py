@@ -159,7 +159,8 @@ batched_matmul.defvjp(lambda a, b: (batched_matmul(a, b), (a, b)), _batched_matm
 # those of the XLA formulations, which any backend can use instead.
 def bn_sums_xla(x: jax.Array) -> jax.Array:
     """:func:`bn_sums` in XLA."""
-    return jnp.stack([jnp.sum(x, 0), jnp.sum(jnp.square(x), 0)])
+    d = x - x[:1]
+    return jnp.stack([jnp.sum(d, 0), jnp.sum(jnp.square(d), 0)])
 
 
 def bn_grad_sums_xla(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
@@ -174,7 +175,8 @@ def bn_grad_sums_xla(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
 
 @jax.custom_vjp
 def bn_sums(x: jax.Array) -> jax.Array:
-    """``[sum(x), sum(x^2)]`` over rows: ``[M, C] -> [2, C]`` float32, on CPU only."""
+    """``[sum(d), sum(d^2)]`` over rows, ``d = x - x[0]`` (shifted by the first row, so that a variance
+    from them keeps its precision when ``|mean| >> std``): ``[M, C] -> [2, C]`` float32, on CPU only."""
     return _call("resattn_bn_sums", (2, x.shape[1]), x)
 
 
