@@ -219,11 +219,35 @@ def test_processes_get_slices_of_the_global_batch(name, num_examples, batch):
     assert_batches_equal(concat(*per_process), single)
 
 
-def test_streaming_a_prepared_dataset_matches_in_memory(digits_dir):
-    raw = dict(data_dir=digits_dir, mean=(0.0,), std=(1.0,))
+@pytest.mark.parametrize("shuffle_buffer", [None, 100])
+def test_streaming_and_in_memory_give_identical_batches(digits_dir, shuffle_buffer):
+    """One order and one random stream: the same training batches (crops, flips, order, epochs) and
+    evaluation batches from both paths, for the whole-split shuffle and a 100-example buffer."""
+    raw = dict(data_dir=digits_dir, mean=(72.9,), std=(90.5,), random_flip=True, shuffle_buffer=shuffle_buffer)
     streamed, in_memory = config("digits", in_memory=False, **raw), config("digits", **raw)
     for split in ("validation", "test"):
         assert_batches_equal(list(data.eval_batches(streamed, split, 128)), list(data.eval_batches(in_memory, split, 128)))
+    # 19 steps per epoch: steps 17-20 cross into the second epoch.
+    expected = take(data.train_batches(in_memory, 64, seed=2, start_step=17), 4)
+    assert_batches_equal(take(data.train_batches(streamed, 64, seed=2, start_step=17), 4), expected)
+    per_process = [take(data.train_batches(streamed, 64, 2, 17, p, 2), 4) for p in range(2)]
+    assert_batches_equal(concat(*per_process), expected)
+
+
+def test_epoch_order_is_a_permutation_within_its_shuffle_buffer():
+    for window in (None, 1, 7, 50, 200):
+        order = data.epoch_order(50, seed=3, epoch=1, window=window)
+        assert sorted(order.tolist()) == list(range(50))
+        if window is not None and window < 50:
+            assert np.all(order < np.arange(50) + window)  # never further ahead than the buffer
+    assert data.epoch_order(50, 3, 1, 1).tolist() == list(range(50))  # a buffer of one keeps the order
+    np.testing.assert_array_equal(data.epoch_order(50, 3, 1, 200), data.epoch_order(50, 3, 1))
+    assert not np.array_equal(data.epoch_order(50, 3, 1, 7), data.epoch_order(50, 3, 2, 7))
+
+
+def test_streaming_a_prepared_dataset_matches_in_memory(digits_dir):
+    raw = dict(data_dir=digits_dir, mean=(0.0,), std=(1.0,))
+    streamed = config("digits", in_memory=False, **raw)
     fresh = take(data.train_batches(streamed, 64, seed=2), 21)  # 19 steps per epoch
     assert_batches_equal(take(data.train_batches(streamed, 64, seed=2, start_step=17), 4), fresh[17:])
     per_process = [take(data.train_batches(streamed, 64, 2, 17, p, 2), 4) for p in range(2)]

@@ -9,7 +9,8 @@ One concept a module:
 * :mod:`.augment` — decoding, augmentation (documented there) and :func:`normalise`;
 * :mod:`.labels` — label noise, :func:`corrupt_labels`;
 * :mod:`.pipeline` — batching, determinism and multi-process slicing: :func:`train_batches`,
-  :func:`eval_batches`, :func:`num_eval_batches`;
+  :func:`eval_batches`, :func:`num_eval_batches`, and the training order and random draws both
+  paths share, :func:`epoch_order`, :func:`augment_draws`;
 * :mod:`.digits` — the offline ``digits`` tfds builder.
 
 The configuration names are imported eagerly; the others load their module (and TensorFlow) on first
@@ -23,9 +24,9 @@ import importlib
 from resattn_jax.training.data.config import (AUGMENTS, EVAL_SPLITS, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo,
                                               data_preset, default_data_config)
 
-__all__ = ["AUGMENTS", "EVAL_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetInfo", "corrupt_labels", "data_preset",
-           "dataset_info", "default_data_config", "eval_batches", "normalisation", "normalise", "num_eval_batches",
-           "train_batches"]
+__all__ = ["AUGMENTS", "EVAL_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetInfo", "augment_draws", "corrupt_labels",
+           "data_preset", "dataset_info", "default_data_config", "epoch_order", "eval_batches", "normalisation",
+           "normalise", "num_eval_batches", "train_batches"]
 
 #: Public names defined outside :mod:`.config` -> the submodule that defines them (imported on first use).
 _LAZY = {
@@ -33,6 +34,8 @@ _LAZY = {
     "dataset_info": "sources",
     "normalisation": "sources",
     "normalise": "augment",
+    "augment_draws": "pipeline",
+    "epoch_order": "pipeline",
     "eval_batches": "pipeline",
     "num_eval_batches": "pipeline",
     "train_batches": "pipeline",

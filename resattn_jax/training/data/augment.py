@@ -12,8 +12,8 @@ Augmentations, for a train size ``S = image_size`` and an eval size ``E = eval_i
 * ``none``: centre crop (or zero-pad) to ``S x S`` / ``E x E``.
 
 Images come out as ``(uint8 - mean) / std`` in float32, labels as int32. The numpy helpers work on
-whole batches gathered from in-memory arrays (the random draws are made by the pipeline);
-:func:`preprocess` maps one encoded example with stateless random ops seeded per example.
+whole batches gathered from in-memory arrays; :func:`preprocess` maps one encoded example. Both
+take their random draws from the pipeline (one stream for both paths: identical batches).
 """
 
 from __future__ import annotations
@@ -104,24 +104,34 @@ def _center_window(shape: tf.Tensor) -> tf.Tensor:
 
 
 def preprocess(source: Source, train: bool) -> Callable[..., dict]:
-    """``(encoded, label, seed int64 [2]) -> {'image': float32 [S, S, C], 'label': int32}``."""
+    """``(encoded, label, draws) -> {'image': float32 [S, S, C], 'label': int32}``.
+
+    ``draws`` (training): this example's ``top``, ``left`` (float64 fractions of the crop span),
+    ``flip`` (bool) from :func:`resattn_jax.training.data.pipeline.augment_draws`, the stream the
+    in-memory path uses too, and ``seed`` (int64 [2], for ``imagenet``'s random window);
+    ``None`` for evaluation.
+    """
     cfg, channels = source.cfg, source.channels
     size = cfg.image_size if train else cfg.eval_image_size
     mean, std = (tf.constant(v, tf.float32) for v in source_normalisation(source))
 
-    def fn(encoded, label, seed):
-        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    def offset(fraction, span):  # floor(u * (span + 1)) in float64, as the numpy path computes it
+        return tf.cast(tf.floor(fraction * tf.cast(span + 1, tf.float64)), tf.int32)
+
+    def fn(encoded, label, draws):
         if cfg.augment == "imagenet":
-            window = (lambda shape: _random_window(shape, crop_seed)) if train else _center_window
+            window = (lambda shape: _random_window(shape, draws["seed"])) if train else _center_window
             image = tf.image.resize(_decode(encoded, channels, window), (size, size), method="bilinear")
         elif cfg.augment == "cifar" and train:
             pad = cfg.crop_padding
             image = tf.pad(_decode(encoded, channels), [[pad, pad], [pad, pad], [0, 0]])
-            image = tf.image.stateless_random_crop(image, (size, size, channels), seed=crop_seed)
+            shape = tf.shape(image)
+            top, left = offset(draws["top"], shape[0] - size), offset(draws["left"], shape[1] - size)
+            image = image[top:top + size, left:left + size]
         else:
             image = tf.image.resize_with_crop_or_pad(_decode(encoded, channels), size, size)
-        if train and cfg.augment != "none" and cfg.random_flip:
-            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        if train and cfg.augment != "none":
+            image = tf.cond(draws["flip"], lambda: tf.reverse(image, [1]), lambda: image)
         image = (tf.cast(image, tf.float32) - mean) / std
         return {"image": tf.ensure_shape(image, (size, size, channels)), "label": tf.cast(label, tf.int32)}
 

@@ -53,7 +53,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         "label_noise": 0.0,      # fraction of training labels corrupted, in [0, 1)
         "label_noise_seed": 0,
         "in_memory": None,       # None: True except for imagenet2012 and folders
-        "shuffle_buffer": 10_000,  # streaming only
+        "shuffle_buffer": None,  # examples; None: the whole split (a uniform shuffle; streaming holds it all)
         "prefetch": 2,           # batches prepared ahead
     })
 
@@ -65,7 +65,7 @@ def data_preset(name: str) -> ml_collections.ConfigDict:
       digit is another symbol).
     * ``cifar10``, ``cifar100``: ``train[5000:]`` / ``train[:5000]`` / ``test``, 32x32, 4-pixel padding.
     * ``imagenet2012``: ``train[10000:]`` / ``train[:10000]`` / ``validation``, ``imagenet``
-      augmentation at 224, ImageNet mean/std, streaming.
+      augmentation at 224, ImageNet mean/std, streaming through a 10,000-example shuffle buffer.
     * ``folder:/root``: as ImageNet, with splits ``train`` / ``validation`` / ``test`` (sub-folders;
       image folders take no slicing).
     * any other tfds name: ``train[10%:]`` / ``train[:10%]`` / ``test`` at 32x32; adjust as needed.
@@ -81,6 +81,7 @@ def data_preset(name: str) -> ml_collections.ConfigDict:
             cfg.train_split, cfg.validation_split, cfg.test_split = "train[10000:]", "train[:10000]", "validation"
         cfg.image_size, cfg.eval_image_size, cfg.augment = 224, 224, "imagenet"
         cfg.mean, cfg.std = IMAGENET_MEAN, IMAGENET_STD
+        cfg.shuffle_buffer = 10_000
     else:
         cfg.train_split, cfg.validation_split = "train[10%:]", "train[:10%]"
     return cfg

@@ -3,27 +3,34 @@
 The configuration is an ``ml_collections.ConfigDict`` (:mod:`.config`); the dataset is resolved by
 :mod:`.sources`, images are decoded, augmented and normalised by :mod:`.augment` (which documents the
 augmentations) and training labels optionally corrupted by :mod:`.labels`. Two paths, chosen by
-``cfg.in_memory``:
+``cfg.in_memory``, that give identical batches for the same configuration and seed:
 
 * **in memory** (default for everything but ``imagenet2012`` and folders): each split is read once
   through tfds into ``uint8 [N, H, W, C]`` numpy arrays; batches are gathered, cropped and flipped
   by vectorised numpy indexing in a background thread that keeps ``cfg.prefetch`` batches ready.
   Augmentations ``cifar`` and ``none``; label noise is applied here only.
-* **streaming**: tf.data over the encoded examples (files shuffled by a seed), a seeded shuffle
-  buffer, then decoding and augmentation in a parallel map with stateless random ops. Augmentations
-  ``imagenet``, ``cifar`` and ``none``; ``mean`` and ``std`` must be given.
+* **streaming**: the encoded examples are read in their stored order, put into the training order
+  through a buffer of at most ``shuffle_buffer`` examples, then decoded and augmented by a parallel
+  tf.data map. Augmentations ``imagenet``, ``cifar`` and ``none``; ``mean`` and ``std`` must be given.
 
 Images come out as ``(uint8 - mean) / std`` in float32, labels as int32.
 
-Determinism. Training batches are a pure function of ``(cfg, global_batch_size, seed, step)``:
-epoch ``e`` = ``step // steps_per_epoch`` draws its order from ``(seed, e)`` and each example's
-augmentation from ``(seed, step)`` (in memory) or ``(seed, position in the stream)`` (streaming), so
-``start_step=k`` resumes exactly without producing the skipped batches. (Streaming resumption still
-reads, but does not decode, the skipped examples of the current epoch; its seeded tf.data shuffles
-also depend on TensorFlow's global seed, so a training program must not call ``tf.random.set_seed``.)
-An epoch is ``num_train // global_batch_size`` full batches: the remainder of the *training* split
-is dropped from that epoch (each epoch has a new order, so every example is still seen). Evaluation
-covers every example exactly once; its last global batch is padded (``mask`` False).
+Determinism. Training batches are a pure function of ``(cfg, global_batch_size, seed, step)``, the
+same on both paths (tested):
+
+* the order of epoch ``e`` = ``step // steps_per_epoch`` is :func:`epoch_order` ``(n, seed, e,
+  shuffle_buffer)``: a uniform permutation of the split's stored order when the buffer holds the
+  whole split (``shuffle_buffer=None``, the default of in-memory datasets), else the order a
+  shuffle buffer of that size gives (streaming presets: 10,000);
+* the crop offsets and flips of step ``s`` come from one numpy stream seeded ``(seed, s)``, drawn
+  for the whole global batch (:func:`augment_draws`); ``imagenet``'s random-resized-crop windows
+  from TensorFlow's stateless ops seeded ``(seed, position in the run)``.
+
+So ``start_step=k`` resumes exactly without producing the skipped batches (streaming still reads,
+but does not decode, the skipped examples of the current epoch). An epoch is
+``num_train // global_batch_size`` full batches: the remainder of the *training* split is dropped
+from that epoch (each epoch has a new order, so every example is still seen). Evaluation covers
+every example exactly once in the stored order; its last global batch is padded (``mask`` False).
 
 Multiple processes: every process computes the same global order and keeps rows
 ``[p * B, (p + 1) * B)`` of each global batch, ``B = global_batch_size // process_count`` (a
@@ -47,7 +54,7 @@ from resattn_jax.training.data.labels import corrupt_labels
 from resattn_jax.training.data.sources import (Source, num_examples, read_arrays, resolve, source_normalisation,
                                                tfds_split)
 
-__all__ = ["eval_batches", "num_eval_batches", "train_batches"]
+__all__ = ["augment_draws", "epoch_order", "eval_batches", "num_eval_batches", "train_batches"]
 
 
 def _local_batch(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -108,6 +115,39 @@ def eval_batches(cfg, split: str, global_batch_size: int,
     if source.in_memory:
         return _memory_eval_batches(source, split_name, global_batch_size, rows)
     return _stream_eval_batches(source, split_name, global_batch_size, rows)
+
+
+# ------------------------------------------------------------------------- order and random draws (both)
+def epoch_order(num: int, seed: int, epoch: int, window: int | None = None) -> np.ndarray:
+    """The training order of epoch ``epoch``: ``int64 [num]``, a permutation of the stored order.
+
+    With ``window`` (a shuffle buffer of that many examples, ``< num``): example ``order[j]`` is
+    stored at most ``window`` positions after ``j``, so a stream reordered by it never holds more
+    than ``window`` examples. Otherwise a uniform permutation.
+    """
+    rng = np.random.default_rng([seed, 0, epoch])
+    if window is None or window >= num:
+        return rng.permutation(num)
+    # A shuffle buffer: full of the first `window` examples, each output is a uniformly chosen slot,
+    # refilled with the next stored example; at the end the buffer is emptied in random order.
+    slots = rng.integers(0, window, num - window)
+    buffer, order = np.arange(window), np.empty(num, np.int64)
+    for j, (slot, incoming) in enumerate(zip(slots.tolist(), range(window, num))):
+        order[j] = buffer[slot]
+        buffer[slot] = incoming
+    order[num - window:] = buffer[rng.permutation(window)]
+    return order
+
+
+def augment_draws(seed: int, step: int, global_batch: int) -> dict[str, np.ndarray]:
+    """The random draws of training step ``step`` for its whole global batch (sliced per process):
+    ``top``, ``left`` uniform in [0, 1) (crop offset ``floor(u * (span + 1))``), ``flip`` bool."""
+    rng = np.random.default_rng([seed, 1, step])
+    return {"top": rng.random(global_batch), "left": rng.random(global_batch), "flip": rng.random(global_batch) < 0.5}
+
+
+def _offsets(fraction: np.ndarray, span: int) -> np.ndarray:
+    return np.floor(fraction * (span + 1)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------- in-memory (numpy)
@@ -175,13 +215,11 @@ def _memory_train_batches(source: Source, global_batch: int, seed: int, start_st
         for step in itertools.count(start_step):
             epoch, i = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = np.random.default_rng([seed, 0, epoch]).permutation(len(labels)), epoch
+                order, order_epoch = epoch_order(len(labels), seed, epoch, cfg.shuffle_buffer), epoch
             index = order[i * global_batch:(i + 1) * global_batch][rows]
-            rng = np.random.default_rng([seed, 1, step])  # drawn for the global batch, then sliced
-            top = rng.integers(0, span_y + 1, global_batch)[rows]
-            left = rng.integers(0, span_x + 1, global_batch)[rows]
-            flip = (rng.random(global_batch) < 0.5)[rows] & flips
-            yield {"image": normalise_images(crop(images, index, top, left, flip, size), mean, std),
+            draws = {k: v[rows] for k, v in augment_draws(seed, step, global_batch).items()}
+            top, left = _offsets(draws["top"], span_y), _offsets(draws["left"], span_x)
+            yield {"image": normalise_images(crop(images, index, top, left, draws["flip"] & flips, size), mean, std),
                    "label": labels[index].astype(np.int32)}
 
     return _prefetch(batches(), cfg.prefetch)
@@ -215,31 +253,57 @@ def _finish(ds: tf.data.Dataset, rows: slice, prefetch: int) -> Iterator[dict]:
     return (ds.prefetch(prefetch) if prefetch > 0 else ds).as_numpy_iterator()
 
 
+def _reordered(stored: Iterator, order: np.ndarray) -> Iterator:
+    """The items of ``stored`` (in stored order) in ``order``, holding only those read ahead."""
+    waiting, read = {}, 0
+    for want in order.tolist():
+        while want not in waiting:
+            waiting[read] = next(stored)
+            read += 1
+        yield waiting.pop(want)
+
+
 def _stream_train_batches(source: Source, num_train: int, global_batch: int, seed: int, start_step: int,
                           rows: slice) -> Iterator[dict]:
     cfg = source.cfg
-    preprocess_fn, mine = preprocess(source, train=True), _mine(rows, global_batch)
     steps_per_epoch = num_train // global_batch
-    epoch, first = divmod(start_step, steps_per_epoch)
-    while True:
-        epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-        start = epoch * steps_per_epoch * global_batch  # stream position of the epoch's first example
-        ds = tfds_split(source, cfg.train_split, shuffle_seed=epoch_seed)
-        ds = ds.shuffle(cfg.shuffle_buffer, seed=epoch_seed).take(steps_per_epoch * global_batch).enumerate()
-        ds = ds.skip(first * global_batch).filter(lambda i, example: mine(i))  # before any decoding
-        ds = ds.map(lambda i, example: preprocess_fn(*example, tf.stack([tf.constant(seed, tf.int64), start + i])),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        yield from _finish(ds, rows, cfg.prefetch)
-        epoch, first = epoch + 1, 0
+    local = rows.stop - rows.start
+    flips = cfg.augment != "none" and cfg.random_flip
+
+    def encoded_batches():
+        """Per step, this process's rows: encoded images, labels, crop fractions, flips, positions."""
+        epoch, first = divmod(start_step, steps_per_epoch)
+        while True:
+            order = epoch_order(num_train, seed, epoch, cfg.shuffle_buffer)
+            stored = tfds_split(source, cfg.train_split).batch(1024).as_numpy_iterator()  # batched: less per-item overhead
+            examples = _reordered((item for images, labels in stored for item in zip(images, labels)), order)
+            for _ in range(first * global_batch):  # read, never decoded
+                next(examples)
+            for step in range(epoch * steps_per_epoch + first, (epoch + 1) * steps_per_epoch):
+                batch = [next(examples) for _ in range(global_batch)][rows]
+                draws = augment_draws(seed, step, global_batch)
+                yield (np.array([image for image, _ in batch], dtype=object),
+                       np.array([label for _, label in batch], np.int32),
+                       draws["top"][rows], draws["left"][rows], draws["flip"][rows] & flips,
+                       step * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64))
+            epoch, first = epoch + 1, 0
+
+    vector = lambda dtype: tf.TensorSpec((local,), dtype)  # noqa: E731
+    ds = tf.data.Dataset.from_generator(encoded_batches, output_signature=(
+        vector(tf.string), vector(tf.int32), vector(tf.float64), vector(tf.float64), vector(tf.bool), vector(tf.int64)))
+    preprocess_fn = preprocess(source, train=True)
+    ds = ds.unbatch().map(lambda image, label, top, left, flip, position: preprocess_fn(
+        image, label, {"top": top, "left": left, "flip": flip, "seed": tf.stack([tf.constant(seed, tf.int64), position])}),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _finish(ds, rows, cfg.prefetch)
 
 
 def _stream_eval_batches(source: Source, split: str, global_batch: int, rows: slice) -> Iterator[dict]:
     cfg = source.cfg
     preprocess_fn, mine = preprocess(source, train=False), _mine(rows, global_batch)
     count = num_examples(source, split)
-    no_seed = tf.zeros(2, tf.int64)  # evaluation is not random
     real = tfds_split(source, split).enumerate().filter(lambda i, example: mine(i)).map(
-        lambda i, example: {**preprocess_fn(*example, no_seed), "mask": tf.constant(True)},
+        lambda i, example: {**preprocess_fn(*example, None), "mask": tf.constant(True)},
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     shape = (cfg.eval_image_size, cfg.eval_image_size, source.channels)
     padding = tf.data.Dataset.range(count, math.ceil(count / global_batch) * global_batch).filter(mine).map(

@@ -96,8 +96,8 @@ def resolve(cfg) -> Source:
         in_memory = not (cfg.name in STREAMING or cfg.name.startswith(FOLDER))
     if not in_memory and (cfg.mean is None or cfg.std is None):
         raise ValueError(f"streaming dataset {cfg.name!r} needs explicit mean and std (e.g. IMAGENET_MEAN/STD)")
-    if not in_memory and cfg.shuffle_buffer <= 0:
-        raise ValueError(f"shuffle_buffer must be positive, got {cfg.shuffle_buffer}")
+    if cfg.shuffle_buffer is not None and cfg.shuffle_buffer <= 0:
+        raise ValueError(f"shuffle_buffer must be positive or None (the whole split), got {cfg.shuffle_buffer}")
     if not in_memory and cfg.label_noise:
         raise ValueError("label_noise needs an in-memory dataset (in_memory=True)")
     if in_memory and cfg.augment == "imagenet":
@@ -124,15 +124,13 @@ def resolve(cfg) -> Source:
     return Source(cfg, builder, image_key, label_feature.num_classes, channels, in_memory)
 
 
-def tfds_split(source: Source, split: str, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """``(encoded image, label)`` pairs of ``split``; file order shuffled by ``shuffle_seed`` if given."""
+def tfds_split(source: Source, split: str) -> tf.data.Dataset:
+    """``(encoded image, label)`` pairs of ``split`` in their stored order (as :func:`read_arrays` reads them)."""
     options = tf.data.Options()
     options.deterministic = True
-    folder = isinstance(source.builder, tfds.ImageFolder)  # its file shuffling is unseeded: never used
     return source.builder.as_dataset(
-        split=split, as_supervised=True, shuffle_files=shuffle_seed is not None and not folder,
-        decoders={source.image_key: tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, options=options))
+        split=split, as_supervised=True, shuffle_files=False, decoders={source.image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(options=options))
 
 
 def num_examples(source: Source, split: str | None) -> int:
