@@ -1,5 +1,6 @@
 """Shared test set-up: 8 host CPU devices (for data-parallel tests) and shared compiled models."""
 
+import functools
 import os
 
 # Must happen before JAX initialises its backends.
@@ -23,6 +24,19 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 def num_elements(tree) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+@functools.lru_cache(maxsize=None)
+def zoo_counts(name: str, size: int) -> dict[str, int]:
+    """Parameters, BatchNorm statistics and multiply-adds of a zoo network at ``size`` (traced, never
+    compiled; cached for the session: test_model.py and test_docs.py ask for the same networks)."""
+    from resattn_jax.tools.flops import model_macs
+
+    model = resattn_jax.create_model(name)
+    shape = (1, size, size, model.in_channels)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+    return {"params": num_elements(variables["params"]), "batch_stats": num_elements(variables["batch_stats"]),
+            "macs": model_macs(model, variables, shape)}
 
 
 def digits_config(workdir_steps: int = 6, **overrides):

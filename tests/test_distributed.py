@@ -1,13 +1,13 @@
 """Multi-process training over loopback (jax.distributed with CPU devices and gloo collectives),
 and restoring a checkpoint onto a different device count.
 
-Comparing runs of different topologies: the first step of 2 processes x 2 devices is bit-identical
-to a 1-device step (same data, same plumbing). From the second step on, float32 round-off that
-differs between XLA's in-process all-reduce and gloo's (~1e-7) flips max-pool ties on the digits'
-flat backgrounds, which changes a few gradient elements at O(1); a large learning rate then
-amplifies it chaotically (1e-3 after 4 steps at lr 0.05). The comparison therefore trains 2 steps
-at lr 1e-3: the parameters agree to ~1e-6, while a wrong data slice or gradient average would move
-them by >1e-4.
+Comparing runs of different topologies: float32 round-off that differs between XLA's in-process
+all-reduce and gloo's (~1e-7) can flip max-pool ties on the digits' flat backgrounds, which changes
+a few gradient elements, and a large learning rate then amplifies it chaotically (1e-3 after 4
+steps at lr 0.05). The comparison therefore trains 2 steps at lr 1e-3 and checks what the README
+states: parameters and batch statistics after each step agree to 1e-5 (a wrong data slice or
+gradient average would move them by >1e-4); the momentum trace, which holds raw gradients, to 1e-4
+after the first step (measured: 3e-5 in pmap mode) and 1e-2 after the second.
 """
 
 import json
@@ -28,7 +28,7 @@ from test_train import read_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
-COMPARE = ["--config.optimizer.learning_rate=0.001", "--config.log_every_steps=1"]
+COMPARE = ["--config.optimizer.learning_rate=0.001", "--config.log_every_steps=1", "--config.checkpoint_every_steps=1"]
 
 
 def free_port() -> int:
@@ -74,11 +74,13 @@ def test_two_processes_match_one_process(four_device_run, tmp_path, mode):
     assert "test accuracy" in outputs[0] and "test accuracy" not in outputs[1]  # only process 0 reports
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_devices"] == 4 and summary["steps"] == STEPS
-    ours, reference = read_state(str(tmp_path), STEPS), read_state(str(four_device_run), STEPS)
-    for key in ("params", "batch_stats"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), ours[key], reference[key])
-    # The momentum trace holds raw gradients, where flipped ties show at ~1e-3 (see the module doc).
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-2), ours["opt_state"], reference["opt_state"])
+    for step, momentum_atol in ((1, 1e-4), (STEPS, 1e-2)):
+        ours, reference = read_state(str(tmp_path), step), read_state(str(four_device_run), step)
+        for key in ("params", "batch_stats"):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), ours[key],
+                         reference[key])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=momentum_atol), ours["opt_state"],
+                     reference["opt_state"])
     reference_summary = json.loads((four_device_run / "summary.json").read_text())
     assert summary["test_accuracy"] == pytest.approx(reference_summary["test_accuracy"])
 

@@ -87,3 +87,34 @@ def test_weight_decay_applies_to_kernels_only():
     params = {"conv": {"kernel": 1}, "bn": {"scale": 1, "bias": 1}, "classifier": {"kernel": 1, "bias": 1}}
     assert weight_decay_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
                                          "classifier": {"kernel": True, "bias": False}}
+
+
+def _recipe_updates(optimizer_config, steps: int = 2):
+    """Updates of ``create_optimizer`` for a constant gradient 0.5 at unchanged parameters 2.0."""
+    params = {"conv": {"kernel": jnp.full((3,), 2.0)}, "bn": {"scale": jnp.full((3,), 2.0), "bias": jnp.full((3,), 2.0)},
+              "classifier": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full((2,), 2.0)}}
+    optimizer, _ = create_optimizer(optimizer_config, GLOBAL_BATCH)
+    state, grads, updates = optimizer.init(params), jax.tree.map(lambda p: jnp.full_like(p, 0.5), params), []
+    for _ in range(steps):
+        update, state = optimizer.update(grads, state, params)
+        updates.append(update)
+    return updates
+
+
+@pytest.mark.parametrize("config_name,nesterov", [("configs/cifar.py", True), ("configs/imagenet.py", False),
+                                                  ("configs/default.py", True)])
+def test_recipe_momentum_nesterov_and_decay_mask(config_name, nesterov):
+    """SGD, momentum 0.9, Nesterov for CIFAR (not ImageNet), L2 1e-4 added to the gradient of kernels only."""
+    import importlib
+
+    config = importlib.import_module(config_name[:-3].replace("/", ".")).get_config().optimizer
+    assert (config.momentum, config.nesterov, config.weight_decay, config.learning_rate) == (0.9, nesterov, 1e-4, 0.1)
+    config.warmup_steps = 0
+    lr, mu = 0.1, 0.9
+    # Nesterov: update_k = -lr * (g + mu * m_k), m_k = g + mu * m_{k-1}; heavy ball: -lr * m_k.
+    factors = [1 + mu, 1 + mu + mu ** 2] if nesterov else [1.0, 1 + mu]
+    for update, factor in zip(_recipe_updates(config), factors):
+        decayed, plain = -lr * factor * (0.5 + 1e-4 * 2.0), -lr * factor * 0.5
+        expected = {"conv": {"kernel": decayed}, "bn": {"scale": plain, "bias": plain},
+                    "classifier": {"kernel": decayed, "bias": plain}}
+        jax.tree.map(lambda u, e: np.testing.assert_allclose(u, np.full(u.shape, e), rtol=1e-6), update, expected)

@@ -141,3 +141,24 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_a_loadable_checkpoint(tm
     state = read_state(str(tmp_path), latest)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
     checkpoints.close()
+
+
+def test_evaluation_counts_only_the_unpadded_examples():
+    """The last evaluation batch is padded (mask False): padded rows change no sum and no count."""
+    import types
+
+    from resattn_jax.training import parallel
+
+    # A stand-in network whose logits are its input: example i predicts class argmax(image[i]).
+    state = types.SimpleNamespace(apply_fn=lambda variables, images, train: images, params={}, batch_stats={})
+    eye = np.eye(6, dtype=np.float32) + np.float32(0.1) * np.arange(6, dtype=np.float32)  # no ties
+    full = {"image": 4 * eye[[0, 1, 2, 3]], "label": np.array([0, 1, 5, 3], np.int32), "mask": np.ones(4, bool)}
+    # Padding rows: wrong predictions with a huge loss, which must not count.
+    padded = {"image": 4 * eye[[4, 0, 0, 0]], "label": np.array([4, 5, 5, 5], np.int32),
+              "mask": np.array([True, False, False, False])}
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    result = train_lib.evaluate(train_lib.make_eval_step(), state, [full, padded], mesh)
+    assert result["count"] == 5 and result["accuracy"] == pytest.approx(4 / 5)
+    losses = -jax.nn.log_softmax(4 * eye[[0, 1, 2, 3, 4]], axis=-1)[np.arange(5), [0, 1, 5, 3, 4]]
+    assert result["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-6)
+    assert result["top5"] == pytest.approx(1.0)  # the wrong one's label (5) is second of 6

@@ -2,6 +2,7 @@
 workdir, config changes caught on resume, repaired metrics log, one-line failures, kill -9."""
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from conftest import digits_config
 
 from resattn_jax.tools import checkpoint as checkpoint_tool
 from resattn_jax.tools import train as train_cli
+from resattn_jax.training import data
 from resattn_jax.training import loop as train_lib
 from resattn_jax.training.checkpoint import CheckpointError, Checkpoints
 from resattn_jax.training.metrics import MetricWriter, read_metrics
@@ -71,8 +73,17 @@ def test_best_checkpoint_survives_restarts(tmp_path, monkeypatch):
     monkeypatch.setattr(train_lib, "evaluate", falling)
     workdir = str(tmp_path)
     overrides = {"keep_checkpoints": 1, "eval_every_steps": 2}
+    # Each restart trains on the very batches an uninterrupted run uses at those steps.
+    config = digits_config(8, **overrides)
+    expected = dict(enumerate(itertools.islice(
+        data.train_batches(config.data, config.global_batch_size, config.seed), 8)))
     for steps in (4, 6, 8):
-        summary = train_lib.train_and_evaluate(digits_config(steps, **overrides), workdir)
+        used = {}  # batches are fetched ahead: the hook sees some that this run never trains on
+        summary = train_lib.train_and_evaluate(digits_config(steps, **overrides), workdir,
+                                               batch_hook=lambda step, batch: used.setdefault(step, batch))
+        for step in range(summary["resumed_from_step"], steps):
+            np.testing.assert_array_equal(used[step]["label"], expected[step]["label"], err_msg=f"step {step}")
+            np.testing.assert_array_equal(used[step]["image"], expected[step]["image"], err_msg=f"step {step}")
         assert summary["best_step"] == 2 and summary["best_validation_accuracy"] == pytest.approx(0.98)
         assert os.path.isdir(summary["best_checkpoint"])
         checkpoints = Checkpoints(workdir, read_only=True)
