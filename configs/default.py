@@ -1,4 +1,4 @@
-"""Base configuration: the paper's CIFAR-10 recipe for Attention-56 (paper-facts §4).
+"""Base configuration: the paper's CIFAR-10 recipe for Attention-56 (docs/paper-facts.md §4).
 
 Every experiment config derives from this one; any field can be overridden on the command line,
 e.g. ``--config.global_batch_size=128 --config.model.remat=True``.

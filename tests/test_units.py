@@ -26,7 +26,7 @@ def test_unit_shapes(cls, c_in, c_out, stride, size):
 
 
 def test_preact_bottleneck_parameter_count():
-    # BN(C_in) + 1x1 + BN + 3x3 + BN + 1x1 (+ projection), paper-facts §1.
+    # BN(C_in) + 1x1 + BN + 3x3 + BN + 1x1 (+ projection), docs/paper-facts.md §1.
     for c_in, c, proj in [(256, 256, False), (64, 256, True)]:
         b = c // 4
         expected = 2 * c_in + c_in * b + 2 * b + 9 * b * b + 2 * b + b * c + (c_in * c if proj else 0)

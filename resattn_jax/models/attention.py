@@ -1,7 +1,7 @@
 """The attention module: trunk branch, soft mask branch, attention residual learning.
 
 Paper: Wang et al., "Residual Attention Network for Image Classification", CVPR 2017, §3.
-Topology follows the official Caffe release (paper-facts §1).
+Topology follows the official Caffe release (docs/paper-facts.md §1).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The model zoo: every network is one ``functools.partial`` of :class:`ResidualAttentionNet`.
 
-ImageNet networks follow the official release (paper-facts §2). CIFAR networks use our documented
-layout (README, "CIFAR layout"): stem conv3x3 (16), stages of 64/128/256 channels at 32/16/8 pixels
-with 2/1/1 soft-mask down-samplings, and three final units of 256 channels at 8x8. Depth is
-``36m + 20`` for ``m`` modules per stage.
+ImageNet networks follow the official release (docs/paper-facts.md §2). CIFAR networks use our
+documented layout (README, "CIFAR layout"): stem conv3x3 (16), stages of 64/128/256 channels at
+32/16/8 pixels with 2/1/1 soft-mask down-samplings, and three final units of 256 channels at 8x8.
+Depth is ``36m + 20`` for ``m`` modules per stage.
 """
 
 from __future__ import annotations

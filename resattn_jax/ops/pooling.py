@@ -1,4 +1,4 @@
-"""The bottom-up ``maxpool 3x3/2`` of the soft mask branch and the ImageNet stem (paper-facts §1).
+"""The bottom-up ``maxpool 3x3/2`` of the soft mask branch and the ImageNet stem (docs/paper-facts.md §1).
 
 Pooling convention (documented choice): we use XLA's ``padding='SAME'``. On even sizes this is
 *exactly* Caffe's ceil-mode pooling without padding (windows start at pixel 0, the last window is

@@ -1,4 +1,4 @@
-"""The top-down bilinear ``Interp`` layer of the soft mask branch (paper-facts §1).
+"""The top-down bilinear ``Interp`` layer of the soft mask branch (docs/paper-facts.md §1).
 
 ``align_corners=True`` semantics, to an explicitly given output size (the size of the matching
 down-path map, never computed from a scale factor).

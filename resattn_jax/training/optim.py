@@ -1,6 +1,7 @@
-"""The paper's optimisation recipe as an Optax transformation (paper-facts §4).
+"""The paper's optimisation recipe as an Optax transformation (docs/paper-facts.md §4).
 
-SGD with Nesterov momentum and L2 weight decay applied as Caffe does it: ``grad += wd * w``
+SGD with momentum (``nesterov``: True for the CIFAR recipe, False for ImageNet's,
+``configs/imagenet.py``) and L2 weight decay applied as Caffe does it: ``grad += wd * w``
 *before* the momentum update (coupled L2, not decoupled AdamW-style decay).
 
 Decayed parameters: convolution and dense **kernels** only (every parameter leaf named
