@@ -271,7 +271,7 @@ def _stream_train_batches(source: Source, num_train: int, global_batch: int, see
     flips = cfg.augment != "none" and cfg.random_flip
 
     def encoded_batches():
-        """Per step, this process's rows: encoded images, labels, crop fractions, flips, positions."""
+        """Per step, this process's rows: encoded images, labels and their draws (``preprocess``'s)."""
         epoch, first = divmod(start_step, steps_per_epoch)
         while True:
             order = epoch_order(num_train, seed, epoch, cfg.shuffle_buffer)
@@ -281,20 +281,21 @@ def _stream_train_batches(source: Source, num_train: int, global_batch: int, see
                 next(examples)
             for step in range(epoch * steps_per_epoch + first, (epoch + 1) * steps_per_epoch):
                 batch = [next(examples) for _ in range(global_batch)][rows]
-                draws = augment_draws(seed, step, global_batch)
-                yield (np.array([image for image, _ in batch], dtype=object),
-                       np.array([label for _, label in batch], np.int32),
-                       draws["top"][rows], draws["left"][rows], draws["flip"][rows] & flips,
-                       step * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64))
+                draws = {k: v[rows] for k, v in augment_draws(seed, step, global_batch).items()}
+                positions = step * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64)
+                yield {"image": np.array([image for image, _ in batch], dtype=object),
+                       "label": np.array([label for _, label in batch], np.int32),
+                       "top": draws["top"], "left": draws["left"], "flip": draws["flip"] & flips,
+                       "seed": np.stack([np.full(local, seed, np.int64), positions], axis=1)}
             epoch, first = epoch + 1, 0
 
-    vector = lambda dtype: tf.TensorSpec((local,), dtype)  # noqa: E731
-    ds = tf.data.Dataset.from_generator(encoded_batches, output_signature=(
-        vector(tf.string), vector(tf.int32), vector(tf.float64), vector(tf.float64), vector(tf.bool), vector(tf.int64)))
+    spec = lambda dtype, *shape: tf.TensorSpec((local, *shape), dtype)  # noqa: E731
+    ds = tf.data.Dataset.from_generator(encoded_batches, output_signature={
+        "image": spec(tf.string), "label": spec(tf.int32), "top": spec(tf.float64), "left": spec(tf.float64),
+        "flip": spec(tf.bool), "seed": spec(tf.int64, 2)})
     preprocess_fn = preprocess(source, train=True)
-    ds = ds.unbatch().map(lambda image, label, top, left, flip, position: preprocess_fn(
-        image, label, {"top": top, "left": left, "flip": flip, "seed": tf.stack([tf.constant(seed, tf.int64), position])}),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.unbatch().map(lambda example: preprocess_fn(example["image"], example["label"], example),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _finish(ds, rows, cfg.prefetch)
 
 
