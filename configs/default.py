@@ -15,7 +15,10 @@ def get_config():
 
     # Network: a zoo name plus overrides of its ResidualAttentionNet fields.
     config.model = ml_collections.ConfigDict({"name": "cifar_attention56", "activation": "mixed",
-                                              "learning": "arl", "remat": False})
+                                              "learning": "arl", "remat": False,
+                                              # Goyal et al.'s zero-initialised last layer of each
+                                              # residual branch (not in the paper; README "GPU and TPU").
+                                              "zero_init_residual": False})
 
     # Data through tensorflow-datasets. The validation split is held out from the training data and
     # selects the best checkpoint; the test split is only reported.

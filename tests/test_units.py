@@ -57,3 +57,23 @@ def test_conv1x1_matches_lax_convolution():
     expected = jax.lax.conv_general_dilated(x, variables["params"]["kernel"], (2, 2), "VALID",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(layer.apply(variables, x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,last", [(PreActBottleneck, ("conv3", "kernel")), (ResNeXtBottleneck, ("bn3", "scale")),
+                                      (InceptionResidual, ("expand", "kernel"))])
+def test_zero_init_last_makes_the_unit_its_shortcut(cls, last):
+    """Goyal et al.'s option: the residual branch starts at zero, so an identity unit is the identity."""
+    from resattn_jax.ops import BatchNorm  # noqa: PLC0415 - the library's norm has scale_init
+
+    norm = functools.partial(BatchNorm, use_running_average=True)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 64))
+    plain = cls(64, norm).init(jax.random.key(1), x)
+    unit = cls(64, norm, zero_init_last=True)
+    variables = unit.init(jax.random.key(1), x)
+    layer, leaf = last
+    assert not np.any(variables["params"][layer][leaf]) and np.any(plain["params"][layer][leaf])
+    expected = nn.relu(x) if cls is ResNeXtBottleneck else x  # post-activation: ReLU after the sum
+    np.testing.assert_allclose(unit.apply(variables, x), expected, atol=1e-6)
+    # Only that layer's initialisation changes.
+    others = {k: v for k, v in variables["params"].items() if k != layer}
+    jax.tree.map(np.testing.assert_array_equal, others, {k: v for k, v in plain["params"].items() if k != layer})

@@ -58,6 +58,8 @@ class ResidualAttentionNet(nn.Module):
         (``pmap``/``shard_map``) steps; ``None`` under plain ``jit``.
       remat: rematerialise every residual unit in the backward pass (saves activation memory).
       in_channels: expected input channels.
+      zero_init_residual: start every residual unit's branch at zero (the units'
+        ``zero_init_last``, :mod:`resattn_jax.models.units`); off, as in the paper.
     """
 
     num_classes: int = 1000
@@ -82,6 +84,7 @@ class ResidualAttentionNet(nn.Module):
     bn_axis_name: str | None = None
     remat: bool = False
     in_channels: int = 3
+    zero_init_residual: bool = False
 
     # ------------------------------------------------------------------ configuration checks
     def _check_config(self) -> None:
@@ -146,7 +149,7 @@ class ResidualAttentionNet(nn.Module):
                                  dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name)
         if self.remat:
             unit_cls = nn.remat(unit_cls)
-        unit = functools.partial(unit_cls, norm=norm, conv=conv)
+        unit = functools.partial(unit_cls, norm=norm, conv=conv, zero_init_last=self.zero_init_residual)
 
         x = x.astype(self.dtype)
         if self.stem == "imagenet":

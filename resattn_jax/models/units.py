@@ -38,6 +38,11 @@ class _Unit(nn.Module):
     norm: ModuleDef
     strides: int = 1
     conv: ModuleDef = ops.conv  # conv(features, kernel, strides, groups, name=...) -> layer
+    #: Start the residual branch at zero, so that the unit is the identity (or its projection) at
+    #: initialisation (Goyal et al. 2017; Flax's ImageNet example): the last BN scale of a
+    #: post-activation unit, the last convolution's kernel of a pre-activation unit (it has no BN
+    #: after that convolution). ``norm`` then needs a ``scale_init`` field, ``conv`` a ``kernel_init``.
+    zero_init_last: bool = False
 
     #: True when the unit normalises its *input* (pre-activation); the network then adds a final
     #: BN-ReLU before pooling and the soft-mask head starts with BN-ReLU.
@@ -45,6 +50,16 @@ class _Unit(nn.Module):
 
     def _conv(self, features: int, kernel: int, strides: int = 1, groups: int = 1, name: str | None = None):
         return self.conv(features, kernel, strides, groups, name=name)
+
+    def _last_conv(self, features: int, name: str):
+        """The 1x1 convolution that ends a pre-activation residual branch."""
+        if self.zero_init_last:
+            return self.conv(features, 1, 1, 1, name=name, kernel_init=nn.initializers.zeros)
+        return self._conv(features, 1, name=name)
+
+    def _last_norm(self, name: str):
+        """The BN that ends a post-activation residual branch."""
+        return self.norm(name=name, scale_init=nn.initializers.zeros) if self.zero_init_last else self.norm(name=name)
 
     def _needs_projection(self, x: jax.Array) -> bool:
         return self.strides != 1 or x.shape[-1] != self.features
@@ -66,7 +81,7 @@ class PreActBottleneck(_Unit):
         y = norm_relu(self.norm, "bn2")(y)
         y = self._conv(bottleneck, 3, self.strides, name="conv2")(y)
         y = norm_relu(self.norm, "bn3")(y)
-        y = self._conv(self.features, 1, name="conv3")(y)
+        y = self._last_conv(self.features, "conv3")(y)
         shortcut = self._conv(self.features, 1, self.strides, name="projection")(pre) if self._needs_projection(x) else x
         return y + shortcut
 
@@ -88,7 +103,7 @@ class ResNeXtBottleneck(_Unit):
         width = self.features // 2
         y = norm_relu(self.norm, "bn1")(self._conv(width, 1, name="conv1")(x))
         y = norm_relu(self.norm, "bn2")(self._conv(width, 3, self.strides, self.groups, name="conv2")(y))
-        y = self.norm(name="bn3")(self._conv(self.features, 1, name="conv3")(y))
+        y = self._last_norm("bn3")(self._conv(self.features, 1, name="conv3")(y))
         if self._needs_projection(x):
             x = self.norm(name="projection_bn")(self._conv(self.features, 1, self.strides, name="projection")(x))
         return nn.relu(y + x)
@@ -123,7 +138,7 @@ class InceptionResidual(_Unit):
         c = self._conv(branch, 3, name="branch5x5_a")(norm_relu(self.norm, "bn_c1")(c))
         c = self._conv(branch, 3, self.strides, name="branch5x5_b")(norm_relu(self.norm, "bn_c2")(c))
         y = jnp.concatenate([a, b, c], axis=-1)
-        y = self._conv(self.features, 1, name="expand")(norm_relu(self.norm, "bn_cat")(y))
+        y = self._last_conv(self.features, "expand")(norm_relu(self.norm, "bn_cat")(y))
         shortcut = self._conv(self.features, 1, self.strides, name="projection")(pre) if self._needs_projection(x) else x
         return y + shortcut
 

@@ -142,8 +142,8 @@ class BatchNorm(nn.Module):
     Fields as ``flax.linen.BatchNorm``: ``use_running_average`` (evaluation mode: the stored
     statistics), ``momentum`` of the running averages, ``epsilon``, ``dtype`` of the output
     (default: that of ``x`` promoted with the parameters'), ``param_dtype``, ``axis_name`` (the
-    device axis of per-device steps, over which the batch statistics are averaged). ``relu``
-    applies a ReLU to the output, fused into the backward pass.
+    device axis of per-device steps, over which the batch statistics are averaged), ``scale_init``.
+    ``relu`` applies a ReLU to the output, fused into the backward pass.
     """
 
     use_running_average: bool | None = None
@@ -153,12 +153,13 @@ class BatchNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
     relu: bool = False
+    scale_init: Any = nn.initializers.ones
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))

@@ -66,10 +66,11 @@ class Conv1x1(nn.Module):
     strides: int = 1
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    kernel_init: Any = conv_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
         if self.strides > 1:
             x = x[:, :: self.strides, :: self.strides, :]
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
@@ -126,23 +127,25 @@ class Conv3x3(nn.Module):
     features: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    kernel_init: Any = conv_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", conv_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return conv3x3(x, kernel)
 
 
 def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, *, dtype: Dtype | None = None,
-         param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
+         param_dtype: Dtype = jnp.float32, kernel_init: Any = conv_init, name: str | None = None) -> nn.Module:
     """A bias-free ``k x k`` convolution with Caffe's symmetric padding ``k // 2``:
-    ``[N, H, W, C_in] -> [N, ceil(H/s), ceil(W/s), features]``."""
+    ``[N, H, W, C_in] -> [N, ceil(H/s), ceil(W/s), features]``; kernels initialised by ``kernel_init``
+    (He / MSRA by default)."""
     if kernel == 1 and groups == 1:
-        return Conv1x1(features, strides, dtype=dtype, param_dtype=param_dtype, name=name)
+        return Conv1x1(features, strides, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
     if kernel == 3 and strides == 1 and groups == 1:
-        return Conv3x3(features, dtype=dtype, param_dtype=param_dtype, name=name)
+        return Conv3x3(features, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=False, kernel_init=conv_init, dtype=dtype,
+                   feature_group_count=groups, use_bias=False, kernel_init=kernel_init, dtype=dtype,
                    param_dtype=param_dtype, name=name)

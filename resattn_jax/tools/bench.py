@@ -68,6 +68,17 @@ def _peak_memory(devices) -> int | None:
     return max(peaks) if peaks and all(p is not None for p in peaks) else None
 
 
+def _compiled_peak_memory(compiled) -> int | None:
+    """Peak device memory of one call of ``compiled`` per device, from XLA's buffer assignment (unlike
+    the allocator's process-wide peak, it belongs to this step alone); None where not reported."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend/jaxlib implements it
+        return None
+    peak = getattr(stats, "peak_memory_in_bytes", None)
+    return int(peak) if peak else None
+
+
 def _peak_host_rss() -> int:
     """Peak resident host memory of this process so far, in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -126,7 +137,7 @@ def _time_steps(run_one: Callable[[], Any], steps: int, warmup: int) -> list[flo
 def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps, warmup, input_kind,
          peak_tflops, num_classes, devices, mesh, dataset) -> dict:
     figures = {"compile_s": 0.0, "flops_per_step": None, "analytic_flops_per_step": None,
-               "xla_flops_per_step": None, "flops_source": None}
+               "xla_flops_per_step": None, "flops_source": None, "compiled_peak_memory_bytes": None}
     if mode == "input":
         batches = _pipeline_batches(dataset, batch_size, None, num_classes, mesh)
         image_size = next(batches)["image"].shape[1]
@@ -154,6 +165,7 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         # XLA counts one device.
         figures["xla_flops_per_step"] = float(cost.get("flops", 0.0)) * len(devices) if cost else None
+        figures["compiled_peak_memory_bytes"] = _compiled_peak_memory(compiled)
         # The traced step on the global batch (the 'jit' form: per-device steps compute the same
         # math), without remat: model FLOPs, recomputation not counted (the usual MFU convention).
         global_state = state.replace(apply_fn=net.clone(bn_axis_name=None, remat=False).apply)
@@ -257,8 +269,10 @@ def _format(result: dict) -> str:
             f"{result['analytic_flops_per_step']:.4g}, XLA {num(result['xla_flops_per_step'], '.4g')}) -> "
             f"{result['tflops_per_sec']:.3f} TFLOP/s, MFU "
             f"{num(result['mfu'], '.1%')} (peak {num(result['peak_tflops_per_device'], '.1f')} TFLOP/s/device)")
+    step_peak = result.get("compiled_peak_memory_bytes")
     lines.append(f"peak memory: {num(result['peak_memory_bytes'] and result['peak_memory_bytes'] / 2**30, '.2f')} GiB "
-                 f"on the device, {result['peak_host_rss_bytes'] / 2**30:.2f} GiB resident on the host")
+                 f"on the device (this step alone, XLA's buffer assignment: {num(step_peak and step_peak / 2**30, '.2f')}"
+                 f" GiB), {result['peak_host_rss_bytes'] / 2**30:.2f} GiB resident on the host")
     return "\n".join(lines)
 
 

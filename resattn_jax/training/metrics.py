@@ -2,7 +2,8 @@
 
 Only process 0 writes (``active=False`` elsewhere). Event files are written with ``tensorboardX``
 (a small writer-only package: no TensorFlow or TensorBoard needed to write them; view them with
-``tensorboard --logdir WORKDIR/tensorboard``).
+``tensorboard --logdir WORKDIR/tensorboard``), imported by the writer that writes them, so that the
+steps and the benchmark import where only JAX is installed.
 
 A resumed run repairs ``metrics.jsonl`` first: a half-written last line (the previous run was
 killed mid-write) is cut, and records after the restored step, which the resumed run writes
@@ -17,8 +18,6 @@ import os
 import sys
 import time
 from typing import Mapping
-
-from tensorboardX import SummaryWriter
 
 __all__ = ["MetricWriter", "Progress", "read_metrics"]
 
@@ -74,6 +73,8 @@ class MetricWriter:
             return
         if resume_step is not None:
             _repair(self.path, resume_step)
+        from tensorboardX import SummaryWriter  # noqa: PLC0415 - only the writing process needs it
+
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
