@@ -33,6 +33,8 @@ def test_benchmark_figures(parallel_mode, mode, remat, monkeypatch):
     assert result["tflops_per_sec"] == pytest.approx(result["flops_per_step"] / 0.25 / 1e12)
     assert result["mfu"] == pytest.approx(result["flops_per_step"] / 0.25 / (0.39e12 * devices))
     assert 100 * 2**20 < result["peak_host_rss_bytes"] < 64 * 2**30  # bytes (getrusage gives KiB on Linux)
+    # This step's own peak (XLA's buffer assignment): at least the parameters it reads (tiny: 247,752 bytes).
+    assert 247_752 < result["compiled_peak_memory_bytes"] < 2**30
     # Model FLOPs: 2 x the multiply-adds of the traced step. An evaluation step is exactly the
     # network's forward pass; a train step about 3x it (no input gradient of the first layer);
     # with remat the recomputed forward is not model FLOPs.
@@ -58,6 +60,8 @@ def test_bad_arguments():
         bench.run_benchmark("tiny", image_size=32, batch_size=8, mode="infer")
     with pytest.raises(ValueError, match="mock-examples"):
         bench.run_benchmark("tiny", image_size=32, batch_size=8, mode="input", mock_examples=0)
+    with pytest.raises(ValueError, match="does not apply to --mode input"):
+        bench.run_benchmark("tiny", image_size=32, batch_size=8, mode="input", profile_dir="/tmp/unused")
 
 
 def test_input_pipeline_alone_over_mock_cifar10(capsys):

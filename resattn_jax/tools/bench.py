@@ -2,7 +2,7 @@
 
     python -m resattn_jax.bench --model attention56 --image-size 224 --batch-size 8 \\
         [--dtype float32|bfloat16] [--parallel jit|pmap] [--mode train|eval] [--remat] \\
-        [--steps 10] [--warmup 2] [--input synthetic|pipeline] [--peak-tflops X] [--json]
+        [--steps 10] [--warmup 2] [--input synthetic|pipeline] [--peak-tflops X] [--profile DIR] [--json]
 
 Method: the step (train: forward, backward and the SGD-Nesterov update of :mod:`resattn_jax.training.loop`; eval: the
 library's evaluation step, ``loop.make_eval_step``: the forward pass in evaluation mode and
@@ -91,12 +91,14 @@ def run_benchmark(model: str = "attention56", image_size: int = 224, batch_size:
                   parallel_mode: str = "jit", mode: str = "train", remat: bool = False, steps: int = 10,
                   warmup: int = 2, input_kind: str = "synthetic", peak_tflops: float | None = None,
                   num_classes: int = 1000, devices=None, dataset: str = "digits",
-                  mock_examples: int | None = None) -> dict:
+                  mock_examples: int | None = None, profile_dir: str | None = None, profile_steps: int = 3) -> dict:
     """Compile and time one step of ``model``; returns the figures as a JSON-able dict.
 
     ``mode='input'`` times the input pipeline alone (``dataset`` at its own image size: host
     augmentation, batching and the transfer to the devices); ``mock_examples`` runs it over
     ``tfds.testing.mock_data`` with that many random examples per split instead of prepared files.
+    ``profile_dir``: after the timed steps, ``profile_steps`` more run under ``jax.profiler.trace``
+    writing there (view with TensorBoard's profile plugin or Perfetto).
     """
     if dtype not in loop.DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {tuple(loop.DTYPES)}")
@@ -106,6 +108,10 @@ def run_benchmark(model: str = "attention56", image_size: int = 224, batch_size:
         raise ValueError(f"unknown input {input_kind!r}; choose 'synthetic' or 'pipeline'")
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
+    if profile_dir is not None and profile_steps < 1:
+        raise ValueError(f"need profile_steps >= 1, got {profile_steps}")
+    if profile_dir is not None and mode == "input":
+        raise ValueError("--profile traces model steps; it does not apply to --mode input")
     if mock_examples is not None and mock_examples < 1:
         raise ValueError(f"--mock-examples must be positive, got {mock_examples}")
     devices = list(devices if devices is not None else jax.devices())
@@ -119,7 +125,7 @@ def run_benchmark(model: str = "attention56", image_size: int = 224, batch_size:
         source = tfds.testing.mock_data(num_examples=mock_examples)
     with source:
         return _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps, warmup, input_kind,
-                    peak_tflops, num_classes, devices, mesh, dataset)
+                    peak_tflops, num_classes, devices, mesh, dataset, profile_dir, profile_steps)
 
 
 def _time_steps(run_one: Callable[[], Any], steps: int, warmup: int) -> list[float]:
@@ -135,7 +141,7 @@ def _time_steps(run_one: Callable[[], Any], steps: int, warmup: int) -> list[flo
 
 
 def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps, warmup, input_kind,
-         peak_tflops, num_classes, devices, mesh, dataset) -> dict:
+         peak_tflops, num_classes, devices, mesh, dataset, profile_dir=None, profile_steps=3) -> dict:
     figures = {"compile_s": 0.0, "flops_per_step": None, "analytic_flops_per_step": None,
                "xla_flops_per_step": None, "flops_source": None, "compiled_peak_memory_bytes": None}
     if mode == "input":
@@ -187,6 +193,10 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
                 current["batch"] = next(batches)
 
         times = _time_steps(run_one, steps, warmup)
+        if profile_dir is not None:
+            with jax.profiler.trace(profile_dir):
+                for _ in range(profile_steps):
+                    run_one()
 
     median = statistics.median(times)
     flops = figures["flops_per_step"]
@@ -295,13 +305,17 @@ def main(argv=None) -> int:
                         help="read the dataset from tfds.testing.mock_data with this many examples per split")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per device, for MFU")
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after the timed steps, trace --profile-steps more with jax.profiler into DIR")
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     args = parser.parse_args(argv)
     try:
         retained = backend.tune_host_memory()  # before JAX starts its backend threads (CPU runs only)
         result = run_benchmark(args.model, args.image_size, args.batch_size, args.dtype, args.parallel, args.mode,
                                args.remat, args.steps, args.warmup, args.input, args.peak_tflops, args.num_classes,
-                               dataset=args.dataset, mock_examples=args.mock_examples)
+                               dataset=args.dataset, mock_examples=args.mock_examples, profile_dir=args.profile,
+                               profile_steps=args.profile_steps)
     except ValueError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
