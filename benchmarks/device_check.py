@@ -278,6 +278,9 @@ def keep_profile(report: Report, plan: dict, profile_dir: Path, traces: dict[int
             trace.rename(profile_dir)
         shutil.rmtree(trace, ignore_errors=True)
     name = f"{plan['bench']['model']} bfloat16 train" + (f" batch {best['batch_size']}: 3 steps traced" if best else "")
+    if best is not None and best.get("profile_error"):
+        report.add("profile", name, "error", error=best["profile_error"])
+        return
     if not profile_dir.exists():
         report.add("profile", name, "error", error="no train step ran, nothing was traced")
         return

@@ -143,7 +143,8 @@ def _time_steps(run_one: Callable[[], Any], steps: int, warmup: int) -> list[flo
 def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps, warmup, input_kind,
          peak_tflops, num_classes, devices, mesh, dataset, profile_dir=None, profile_steps=3) -> dict:
     figures = {"compile_s": 0.0, "flops_per_step": None, "analytic_flops_per_step": None,
-               "xla_flops_per_step": None, "flops_source": None, "compiled_peak_memory_bytes": None}
+               "xla_flops_per_step": None, "flops_source": None, "compiled_peak_memory_bytes": None,
+               "profile_dir": profile_dir, "profile_error": None}
     if mode == "input":
         batches = _pipeline_batches(dataset, batch_size, None, num_classes, mesh)
         image_size = next(batches)["image"].shape[1]
@@ -193,10 +194,13 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
                 current["batch"] = next(batches)
 
         times = _time_steps(run_one, steps, warmup)
-        if profile_dir is not None:
-            with jax.profiler.trace(profile_dir):
-                for _ in range(profile_steps):
-                    run_one()
+        if profile_dir is not None:  # a failed trace (no CUPTI, say) costs the trace, not the figures
+            try:
+                with jax.profiler.trace(profile_dir):
+                    for _ in range(profile_steps):
+                        run_one()
+            except Exception as e:  # noqa: BLE001
+                figures["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
 
     median = statistics.median(times)
     flops = figures["flops_per_step"]
@@ -283,6 +287,9 @@ def _format(result: dict) -> str:
     lines.append(f"peak memory: {num(result['peak_memory_bytes'] and result['peak_memory_bytes'] / 2**30, '.2f')} GiB "
                  f"on the device (this step alone, XLA's buffer assignment: {num(step_peak and step_peak / 2**30, '.2f')}"
                  f" GiB), {result['peak_host_rss_bytes'] / 2**30:.2f} GiB resident on the host")
+    if result.get("profile_dir"):
+        lines.append(f"profile: {result['profile_error'] or 'trace of the steps after the timed ones'} "
+                     f"({result['profile_dir']})")
     return "\n".join(lines)
 
 
