@@ -108,6 +108,45 @@ def test_bad_configs_fail_before_writing(tmp_path, overrides, match):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("global_batch_size", 0, r"--config.global_batch_size=0: must be > 0"),
+    ("eval_every_steps", 0, r"--config.eval_every_steps=0: must be > 0"),
+    ("max_skipped_fraction", 1.5, r"--config.max_skipped_fraction=1.5: must be in \[0, 1\]"),
+    ("optimizer.learning_rate", -0.1, r"--config.optimizer.learning_rate=-0.1: must be > 0"),
+    ("optimizer.momentum", 1.0, r"--config.optimizer.momentum=1.0: must be in \[0, 1\)"),
+    ("optimizer.weight_decay", -1e-4, r"--config.optimizer.weight_decay=-0.0001: must be >= 0"),
+    ("optimizer.decay_factor", 0.0, r"--config.optimizer.decay_factor=0.0: must be in \(0, 1\]"),
+    ("optimizer.warmup_steps", 6, r"--config.optimizer.warmup_steps=6: must be in \[0, num_train_steps=6\)"),
+    ("optimizer.boundaries", (4, 2), r"--config.optimizer.boundaries='\(4, 2\)': must be increasing steps in "
+                                     r"\(0, num_train_steps=6\)"),
+    ("optimizer.boundaries", (3, 6), r"boundaries='\(3, 6\)': must be increasing"),
+    ("optimizer.base_batch_size", -1, r"--config.optimizer.base_batch_size=-1: must be >= 0"),
+])
+def test_out_of_range_config_fields_name_the_flag(field, value, match):
+    """Checked before the data, the model or the workdir are touched; the message names the flag."""
+    with pytest.raises(ValueError, match=match):
+        train_lib.validate_config(digits_config(6, **{field: value}))
+
+
+def test_tuple_and_none_fields_are_overridable_from_the_command_line(monkeypatch):
+    from resattn_jax.tools import train as cli  # noqa: PLC0415 - train.py's own flag parsing
+
+    argv = ["train.py", "--config", f"{REPO}/configs/digits.py", "--workdir=/unused", "--config.data.mean=(72.9,)",
+            "--config.data.std=(80.1,)", "--config.optimizer.boundaries=(100, 200)", "--config.data.shuffle_buffer=512",
+            "--config.data.in_memory=False", "--config.data.data_dir=/data"]
+    monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads the overrides from sys.argv
+    try:
+        cli.parse_flags(argv)
+        data, optimizer = cli.FLAGS.config.data, cli.FLAGS.config.optimizer
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert (data.mean, data.std, optimizer.boundaries) == ((72.9,), (80.1,), (100, 200))
+    assert (data.shuffle_buffer, data.in_memory, data.data_dir) == (512, False, "/data")
+    # Unset, the placeholders read as None, and the stored config.json holds null.
+    default = digits_config().data
+    assert (default.mean, default.in_memory, json.loads(default.to_json())["shuffle_buffer"]) == (None, None, None)
+
+
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -115,7 +154,9 @@ def test_unwritable_workdir(tmp_path):
         train_lib.train_and_evaluate(digits_config(), str(blocker / "run"))
 
 
-@pytest.mark.parametrize("flag,match", [("--config.no_such_field=1", "no_such_field"),
+@pytest.mark.parametrize("flag,match", [("--config.num_train_step=5",
+                                         "--config.num_train_step: no such config field 'num_train_step'; "
+                                         "did you mean 'num_train_steps'?"),
                                         ("--config.model.name=resnet50", "unknown model 'resnet50'")])
 def test_cli_prints_one_line_errors(tmp_path, flag, match):
     result = subprocess.run([sys.executable, "train.py", "--config", "configs/digits.py", "--workdir",

@@ -11,8 +11,10 @@ the traceback goes to WORKDIR/error.log, or to the console with --verbose), 143 
 (checkpoint saved), 130 interrupted twice (Ctrl-C Ctrl-C: at once, nothing saved).
 """
 
+import ast
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -137,9 +139,19 @@ def parse_flags(argv):
             lines = [lines[0].split(":")[0] + ":", lines[-1]]
         fail(" ".join(lines))
     except (AttributeError, KeyError) as e:  # ml_collections: an override names no existing field
-        field = str(e).strip("\"'")
+        # The message is "'field'" or "'field'\nDid you mean \"fields\" instead of \"field\"?".
+        text = str(e.args[0]) if e.args else str(e)
+        while text[:1] in ("'", '"'):  # the message arrives quoted (repr'd), possibly twice
+            try:
+                text = str(ast.literal_eval(text))
+            except (ValueError, SyntaxError):
+                break
+        field, _, hint = text.partition("\n")
+        field = field.strip("\"' ")
+        suggestion = re.match(r'Did you mean "([^"]+)"', hint.strip())
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and field in a.split("=")[0]]
-        fail(f"{overrides[0] if overrides else 'config'}: no such config field {field!r}")
+        fail(f"{overrides[0] if overrides else 'config'}: no such config field {field!r}"
+             + (f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""))
     except Exception as e:  # noqa: BLE001 - e.g. a config file that fails to import or a bad argument
         fail(f"cannot load the config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 

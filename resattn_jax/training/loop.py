@@ -27,7 +27,7 @@ from resattn_jax.models import create_model
 from resattn_jax.training import data, parallel
 from resattn_jax.training.checkpoint import CheckpointError, Checkpoints, abstract_like
 from resattn_jax.training.metrics import MetricWriter, Progress
-from resattn_jax.training.optim import create_optimizer
+from resattn_jax.training.optim import check_optimizer_config, create_optimizer
 from resattn_jax.training.workdir import (WorkdirLock, atomic_write_text, check_writable, config_changes,
                                           config_fingerprint, ensure_free)
 
@@ -197,16 +197,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ValueError(f"unknown nan_policy {config.nan_policy!r}; choose one of {NAN_POLICIES}")
     for name in ("global_batch_size", "eval_batch_size"):
         size = int(config[name])
-        if size <= 0 or size % num_devices:
+        if size <= 0:
+            raise ValueError(f"--config.{name}={size}: must be > 0 (and a multiple of the {num_devices} devices)")
+        if size % num_devices:
             raise ValueError(f"{name}={size} does not divide by the {num_devices} devices; "
                              f"use a multiple of {num_devices}")
         if size % jax.process_count():
             raise ValueError(f"{name}={size} does not divide by the {jax.process_count()} processes")
     for name in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         if int(config[name]) <= 0:
-            raise ValueError(f"{name} must be positive, got {config[name]}")
+            raise ValueError(f"--config.{name}={config[name]}: must be > 0")
     if not 0.0 <= float(config.max_skipped_fraction) <= 1.0:
-        raise ValueError(f"max_skipped_fraction must be in [0, 1], got {config.max_skipped_fraction}")
+        raise ValueError(f"--config.max_skipped_fraction={config.max_skipped_fraction}: must be in [0, 1]")
+    check_optimizer_config(config.optimizer, int(config.num_train_steps))
     info = data.dataset_info(config.data)
     model = build_model(config, info)  # unknown model names/options raise here
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False))

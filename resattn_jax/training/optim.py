@@ -21,7 +21,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-__all__ = ["default_optimizer_config", "learning_rate_schedule", "weight_decay_mask", "create_optimizer"]
+__all__ = ["check_optimizer_config", "default_optimizer_config", "learning_rate_schedule", "weight_decay_mask",
+           "create_optimizer"]
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
@@ -32,6 +33,34 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
         "warmup_steps": 0,
         "base_batch_size": 0,  # >0: scale the learning rate by global_batch_size / base_batch_size
     })
+
+
+def check_optimizer_config(cfg, num_train_steps: int, prefix: str = "optimizer.") -> None:
+    """Raise ``ValueError`` naming the first field of ``cfg`` (``config.optimizer``) out of its range,
+    as the flag that sets it, e.g. ``--config.optimizer.learning_rate=-0.1: must be > 0``."""
+    def bad(field: str, rule: str):
+        value = cfg[field]
+        shown = f"'{value}'" if isinstance(value, (tuple, list)) else value
+        return ValueError(f"--config.{prefix}{field}={shown}: {rule}")
+
+    if not float(cfg.learning_rate) > 0:
+        raise bad("learning_rate", "must be > 0")
+    if not 0 <= float(cfg.momentum) < 1:
+        raise bad("momentum", "must be in [0, 1)")
+    if not float(cfg.weight_decay) >= 0:
+        raise bad("weight_decay", "must be >= 0")
+    if not 0 < float(cfg.decay_factor) <= 1:
+        raise bad("decay_factor", "must be in (0, 1]")
+    if not 0 <= int(cfg.warmup_steps) < num_train_steps:
+        raise bad("warmup_steps", f"must be in [0, num_train_steps={num_train_steps})")
+    if int(cfg.base_batch_size) < 0:
+        raise bad("base_batch_size", "must be >= 0 (0: no batch-size scaling)")
+    boundaries = tuple(cfg.boundaries)
+    if any(int(b) != b for b in boundaries):
+        raise bad("boundaries", "must be whole steps")
+    if any(b >= c for b, c in zip(boundaries, boundaries[1:])) or any(not 0 < b < num_train_steps for b in boundaries):
+        raise bad("boundaries", f"must be increasing steps in (0, num_train_steps={num_train_steps}); "
+                                "() for a constant learning rate")
 
 
 def learning_rate_schedule(cfg, global_batch_size: int) -> optax.Schedule:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections import config_dict
 
 __all__ = ["AUGMENTS", "EVAL_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetInfo", "data_preset",
            "default_data_config"]
@@ -39,7 +40,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     """Every data field with its default (the offline ``digits`` dataset, CIFAR-style augmentation)."""
     return ml_collections.ConfigDict({
         "name": "digits",        # tfds name, 'digits', or 'folder:/root' (root/split/label/image.jpg)
-        "data_dir": None,        # tfds data_dir (None: tfds's default, ~/tensorflow_datasets)
+        # Fields whose default is None are typed placeholders, so that the command line can set them
+        # (e.g. --config.data.mean='(72.9,)').
+        "data_dir": config_dict.placeholder(str),  # tfds data_dir (None: tfds's default, ~/tensorflow_datasets)
         "train_split": "train",  # tfds split strings; validation is held out from the training data
         "validation_split": "validation",  # '' or None: no such split
         "test_split": "test",
@@ -48,12 +51,13 @@ def default_data_config() -> ml_collections.ConfigDict:
         "augment": "cifar",      # one of AUGMENTS
         "crop_padding": 4,       # 'cifar': zero padding before the random crop
         "random_flip": True,
-        "mean": None,            # per-channel, 0..255 units; None: computed from the training split
-        "std": None,             # (in-memory datasets only)
+        "mean": config_dict.placeholder(tuple),  # per-channel, 0..255 units; None: computed from the
+        "std": config_dict.placeholder(tuple),   # training split (in-memory datasets only)
         "label_noise": 0.0,      # fraction of training labels corrupted, in [0, 1)
         "label_noise_seed": 0,
-        "in_memory": None,       # None: True except for imagenet2012 and folders
-        "shuffle_buffer": None,  # examples; None: the whole split (a uniform shuffle; streaming holds it all)
+        "in_memory": config_dict.placeholder(bool),  # None: True except for imagenet2012 and folders
+        # Examples; None: the whole split (a uniform shuffle; streaming holds it all).
+        "shuffle_buffer": config_dict.placeholder(int),
         "prefetch": 2,           # batches prepared ahead
     })
 
