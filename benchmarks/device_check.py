@@ -324,7 +324,8 @@ def _alternatives(plan: dict, dtype) -> list[tuple[str, tuple, dict[str, Callabl
     cases = []
     for shape, size in plan["upsample"]:
         cases.append(("upsample", (b, *shape), {
-            "ours (weighted gathers, custom VJP)": lambda x, s=size: ({}, lambda p, v: ops.upsample_bilinear(v, (s, s))),
+            "ours (weighted gathers, custom VJP)":
+                lambda x, s=size: ({}, lambda p, v: ops.upsample_bilinear(v, (s, s))),
             "interpolation-matrix products": lambda x, s=size: ({}, lambda p, v: upsample_matrices(v, (s, s))),
             "jax.image.scale_and_translate": lambda x, s=size: ({}, lambda p, v: upsample_jax_image(v, (s, s))),
         }))

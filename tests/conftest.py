@@ -1,7 +1,10 @@
 """Shared test set-up: 8 host CPU devices (for data-parallel tests) and shared compiled models."""
 
+import contextlib
 import functools
 import os
+import signal
+import subprocess
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -70,3 +73,55 @@ def digits_workdir(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("digits_run"))
     train_lib.train_and_evaluate(digits_config(4), workdir)
     return workdir
+
+
+class ChildProcesses:
+    """Processes a test starts, each leading its own process group (a new session), killed with all
+    their descendants when the block ends, whether the test passed or failed: no ``train.py`` child
+    keeps training after a failed assertion (``kill_all`` runs in ``__exit__``)."""
+
+    def __init__(self):
+        self.started: list[subprocess.Popen] = []
+
+    def popen(self, command, **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(command, start_new_session=True, **kwargs)
+        self.started.append(process)
+        return process
+
+    def kill_all(self) -> None:
+        for process in self.started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.communicate(timeout=30)  # reaps it and closes its pipes
+
+    def __enter__(self) -> "ChildProcesses":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill_all()
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` still alive (zombies awaiting their reaper left out)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it exited meanwhile
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state != "Z":
+            members.append(int(entry))
+    return members
+
+
+@pytest.fixture
+def child_processes():
+    """A :class:`ChildProcesses` whose processes are killed when the test ends."""
+    with ChildProcesses() as children:
+        yield children

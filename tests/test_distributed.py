@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import ChildProcesses, live_group_members
+
 from resattn_jax.training import data, parallel
 from resattn_jax.training import loop as train_lib
 from test_train import read_state
@@ -37,8 +39,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, devices: int, extra=(), process_id=None, num_processes=None, port=None, steps=STEPS,
-           network="small"):
+def launch(children: ChildProcesses, workdir, devices: int, extra=(), process_id=None, num_processes=None, port=None,
+           steps=STEPS, network="small"):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests")}
     command = [sys.executable, "train.py", "--config", f"tests/tiny_config.py:{steps},{network}", "--workdir", str(workdir),
@@ -46,7 +48,7 @@ def launch(workdir, devices: int, extra=(), process_id=None, num_processes=None,
     if process_id is not None:
         command += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
                     f"--process_id={process_id}"]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return children.popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(processes, timeout=600):
@@ -58,17 +60,18 @@ def finish(processes, timeout=600):
 def four_device_run(tmp_path_factory):
     """One process with 4 CPU devices: the reference for the multi-process runs."""
     workdir = tmp_path_factory.mktemp("one_process")
-    codes, outputs = finish([launch(workdir, devices=4, extra=COMPARE)])
+    with ChildProcesses() as children:
+        codes, outputs = finish([launch(children, workdir, devices=4, extra=COMPARE)])
     assert codes == [0], outputs[0][-3000:]
     return workdir
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["jit", "pmap"])
-def test_two_processes_match_one_process(four_device_run, tmp_path, mode):
+def test_two_processes_match_one_process(four_device_run, tmp_path, mode, child_processes):
     port = free_port()
-    processes = [launch(tmp_path, devices=2, extra=[*COMPARE, f"--config.parallel={mode}"], process_id=i,
-                        num_processes=2, port=port) for i in range(2)]
+    processes = [launch(child_processes, tmp_path, devices=2, extra=[*COMPARE, f"--config.parallel={mode}"],
+                        process_id=i, num_processes=2, port=port) for i in range(2)]
     codes, outputs = finish(processes)
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert "test accuracy" in outputs[0] and "test accuracy" not in outputs[1]  # only process 0 reports
@@ -101,14 +104,17 @@ def test_four_device_checkpoint_restores_on_one_device(four_device_run):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, child_processes):
     port = free_port()
-    processes = [launch(tmp_path, devices=1, process_id=i, num_processes=2, port=port, steps=2000,
+    processes = [launch(child_processes, tmp_path, devices=1, process_id=i, num_processes=2, port=port, steps=2000,
                         extra=["--config.log_every_steps=1"]) for i in range(2)]
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 300
+    # Readiness from the children: two logged steps. The deadline only bounds a hang (a slow
+    # machine waits longer); a child that exits early fails the test at once.
+    deadline = time.time() + 1200
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # training is under way
-        assert time.time() < deadline and all(p.poll() is None for p in processes), "training did not start"
+        assert all(p.poll() is None for p in processes), "a process exited before training started"
+        assert time.time() < deadline, "training did not start within 20 minutes"
         time.sleep(0.5)
     processes[1].send_signal(signal.SIGTERM)
     codes, outputs = finish(processes, timeout=300)
@@ -116,3 +122,19 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     steps = [int(o.split("preempted at step ")[1].split(";")[0]) for o in outputs]
     assert steps[0] == steps[1] and 0 < steps[0] < 2000
     assert (tmp_path / "checkpoints" / str(steps[0])).is_dir()
+
+
+def test_no_child_outlives_a_failing_test():
+    """The launcher's clean-up: a child (and the grandchild it starts) is killed when the test fails."""
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+              "print('ready', flush=True); time.sleep(600)")
+    with pytest.raises(AssertionError, match="the test failed"):
+        with ChildProcesses() as children:
+            child = children.popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+            assert child.stdout.readline().strip() == "ready"
+            assert len(live_group_members(child.pid)) == 2  # the child and its grandchild
+            raise AssertionError("the test failed")
+    deadline = time.time() + 30
+    while live_group_members(child.pid):
+        assert time.time() < deadline, f"still alive: {live_group_members(child.pid)}"
+        time.sleep(0.1)
