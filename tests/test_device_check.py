@@ -113,7 +113,8 @@ def test_only_device_packages_and_listed_wheels_are_imported(dry_run):
 
 SCHEMA = {
     "environment": {"date", "platform", "device_kind", "num_devices", "versions", "python", "xla_flags"},
-    "numerics": {"model", "batch_size", "loss_accelerator", "loss_host", "tolerance", "passed", "rel_error",
+    "numerics": {"model", "batch_size", "loss_accelerator", "loss_host", "tolerance", "update_tolerance", "passed",
+                 "rel_error",
                  "worst_leaf_rel_error", "worst_leaf"},
     "train": {"model", "batch_size", "dtype", "remat", "mode", "images_per_sec", "step_ms_median", "compile_s",
               "tflops_per_sec", "mfu", "peak_memory_bytes", "compiled_peak_memory_bytes", "flops_per_step"},
@@ -134,6 +135,7 @@ def test_dry_run_records_and_table(dry_run):
     assert sections[:2] == ["environment", "numerics"] and {"train", "eval", "op", "profile"} <= set(sections)
     numerics = records[1]
     assert numerics["passed"] and all(numerics["rel_error"][k] <= 1e-4 for k in ("params", "batch_stats", "loss"))
+    assert numerics["rel_error"]["update"] <= 1e-2
     steps = [r for r in records if r["section"] in ("train", "eval")]
     assert {(r["dtype"], r["mode"], r["remat"]) for r in steps} == {
         ("bfloat16", "train", False), ("float32", "train", False), ("bfloat16", "eval", False),
@@ -142,11 +144,17 @@ def test_dry_run_records_and_table(dry_run):
     ops = [r for r in records if r["section"] == "op"]
     assert {r["op"].split()[0] for r in ops} == {"upsample", "maxpool", "batchnorm+relu", "conv1x1"}
     assert all(r["rel_diff_vs_ours"] < 0.05 for r in ops if not r["op"].startswith("conv1x1")), ops
-    profile = next(r for r in records if r["section"] == "profile")
-    files = [p for p in (out / "profile").rglob("*") if p.is_file()]
-    assert files and sum(p.stat().st_size for p in files) == profile["bytes"] < 16 * 2**20
+    profile = records[-1]  # last of all
+    assert profile["section"] == "profile" and profile["files"]
+    files = [out / name for name in profile["files"]]  # flat beside results.jsonl
+    assert all(p.name.startswith("profile-b2-") and p.suffix == ".gz" for p in files)
+    assert sum(p.stat().st_size for p in files) == profile["bytes"] < 16 * 2**20
     table = (out / "summary.md").read_text()
     assert "| step | status | step ms | images/s | compile s | TFLOP/s | MFU |" in table
+    # The order an accelerator needs: numerics, the bf16 sweep, the ops, the other steps, the profile.
+    order = [r["section"] for r in records]
+    assert order.index("op") < max(i for i, r in enumerate(records) if r.get("dtype") == "float32"
+                                   and r["section"] == "train")
     for r in records[1:]:
         assert r["name"].split(":")[0] in table or r.get("impl", "") in table
 
@@ -175,7 +183,8 @@ def test_sweep_stops_at_the_first_out_of_memory_and_remats_the_fastest(device_ch
 
     monkeypatch.setattr(device_check.bench, "run_benchmark", fake_run_benchmark)
     report = device_check.Report(tmp_path, dry_run=False, budget_s=1e9)
-    device_check.step_benchmarks(report, device_check.PLANS["device"], None)
+    plan = device_check.PLANS["device"]
+    device_check.other_steps(report, plan, device_check.bf16_sweep(report, plan))
     assert calls == [(32, "bfloat16", "train", False), (64, "bfloat16", "train", False),
                      (128, "bfloat16", "train", False), (64, "float32", "train", False),
                      (256, "bfloat16", "eval", False), (32, "bfloat16", "train", True)]
@@ -186,7 +195,7 @@ def test_sweep_stops_at_the_first_out_of_memory_and_remats_the_fastest(device_ch
     # Past the time budget nothing more starts; each measurement left is recorded as skipped.
     calls.clear()
     report = device_check.Report(tmp_path / "late", dry_run=False, budget_s=-1.0)
-    device_check.step_benchmarks(report, device_check.PLANS["device"], None)
+    device_check.other_steps(report, plan, device_check.bf16_sweep(report, plan))
     assert calls == [] and {r["status"] for r in report.records} == {"skipped"}
 
 
