@@ -1,8 +1,11 @@
 """The training loop: exact resume across a SIGTERM, checkpoint fallback, config errors, NaN stop."""
 
+import contextlib
+import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +148,19 @@ def test_tuple_and_none_fields_are_overridable_from_the_command_line(monkeypatch
     # Unset, the placeholders read as None, and the stored config.json holds null.
     default = digits_config().data
     assert (default.mean, default.in_memory, json.loads(default.to_json())["shuffle_buffer"]) == (None, None, None)
+
+
+def test_console_says_what_the_run_is_doing(tmp_path):
+    """A line before compiling, the compile seconds, the progress bar, validation results."""
+    console = io.StringIO()
+    with contextlib.redirect_stderr(console):
+        train_lib.train_and_evaluate(digits_config(4, progress_bar=True), str(tmp_path / "run"))
+    lines = console.getvalue().splitlines()
+    assert lines[0].startswith("compiling tiny (float32, global batch 16 on "), lines
+    assert re.fullmatch(r"compiled and ran the first step in \d+\.\d s", lines[1]), lines
+    assert re.fullmatch(r"\[#+\.*\] 2/4 [\d.]+ it/s ETA .* loss [\d.]+ acc [\d.]+ \d+ img/s", lines[2]), lines
+    assert re.fullmatch(r"step 4: validation accuracy [01]\.\d{4} \(top-5 [01]\.\d{4}, loss [\d.]+, 180 images\)",
+                        lines[-1]), lines
 
 
 def test_unwritable_workdir(tmp_path):

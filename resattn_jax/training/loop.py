@@ -337,6 +337,11 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
                   batch_hook: Callable[[int, dict], None] | None) -> dict:
     is_main = jax.process_index() == 0
     mesh = parallel.make_mesh()
+    progress = Progress(int(config.num_train_steps), 0, active=is_main and config.progress_bar)
+    progress.note(f"compiling {config.model.name} ({config.dtype}, global batch {config.global_batch_size} on "
+                  f"{jax.device_count()} device{'s' if jax.device_count() > 1 else ''}): the initial state, then the "
+                  f"train step")
+    compile_start = time.perf_counter()
     model = build_model(config, info)
     optimizer, schedule = create_optimizer(config.optimizer, config.global_batch_size)
     state = create_train_state(model, optimizer, info.image_shape, config.seed, mesh)
@@ -360,7 +365,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
         atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
     writer = MetricWriter(workdir, active=is_main, resume_step=start_step)
-    progress = Progress(total, start_step, active=is_main and config.progress_bar)
+    progress.restart(start_step)
     batches = data.train_batches(config.data, config.global_batch_size, config.seed, start_step,
                                  jax.process_index(), jax.process_count())
     if batch_hook is not None:
@@ -373,6 +378,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
         result = evaluate(eval_step, state, data.eval_batches(config.data, "validation", config.eval_batch_size,
                                                               jax.process_index(), jax.process_count()), mesh)
         writer.write(step, {f"validation_{k}": v for k, v in result.items()})
+        progress.note(f"step {step}: validation accuracy {result['accuracy']:.4f} (top-5 {result['top5']:.4f}, "
+                      f"loss {result['loss']:.4f}, {result['count']} images)")
         return result
 
     last_saved = start_step if checkpoints.steps() else None
@@ -402,6 +409,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
                 state, metrics = train_step(state, next(device_batches))
                 step += 1
                 pending.append(metrics)
+                if progress.active and step == start_step + 1:  # the first step compiled the train step
+                    jax.block_until_ready(metrics)
+                    progress.note(f"compiled and ran the first step in {time.perf_counter() - compile_start:.1f} s")
+                    progress.restart(step)  # the ETA counts from here, without the compile
                 if step % config.log_every_steps == 0 or step == total:
                     # The only host sync of the step loop.
                     fetched, (nonfinite, first_bad) = jax.device_get(

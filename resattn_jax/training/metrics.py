@@ -97,8 +97,9 @@ class MetricWriter:
 class Progress:
     """A one-line console progress bar with rate and ETA (to stderr), updated at log points."""
 
-    def __init__(self, total: int, start: int = 0, active: bool = True, stream=sys.stderr):
-        self.total, self.start, self.active, self.stream = total, start, active, stream
+    def __init__(self, total: int, start: int = 0, active: bool = True, stream=None):
+        self.total, self.start, self.active = total, start, active
+        self.stream = stream if stream is not None else sys.stderr  # as it is now (tests redirect it)
         self.t0 = time.perf_counter()
         self.tty = getattr(stream, "isatty", lambda: False)()
 
@@ -115,6 +116,17 @@ class Progress:
         line = f"[{bar}] {step}/{self.total} {rate:.2f} it/s ETA {_fmt(eta)} {text}"
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """One line of what the run is doing (compiling, a validation result), between bar updates."""
+        if not self.active:
+            return
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+    def restart(self, step: int) -> None:
+        """Measure the rate (hence the ETA) from ``step`` on, e.g. once the step is compiled."""
+        self.start, self.t0 = step, time.perf_counter()
 
     def close(self) -> None:
         if self.active and self.tty:
