@@ -75,6 +75,18 @@ def test_soft_mask_maps_and_their_figure(trained, digits_workdir, tmp_path, caps
         for ax, name in zip(row[1:], MASKS):
             np.testing.assert_array_equal(ax.images[-1].get_array(), maps[name][i])
 
+    # One colour scale by default (0..1: the sigmoid masks' range), one colour bar, and a caption;
+    # per module with scale='column'.
+    limits = {ax.images[-1].get_clim() for ax in axes if ax not in axes[::4]}
+    assert limits == {(0.0, 1.0)} and len(figure.axes) == len(axes) + 1
+    assert any("High (red)" in text.get_text() for text in figure.texts)
+    figure = visualize.soft_mask_figure(pixels, maps, [f"label {label}" for label in labels], scale="column")
+    axes = [ax for ax in figure.axes if ax.images]
+    assert axes[1].images[-1].get_clim() == (maps[MASKS[0]].min(), maps[MASKS[0]].max())
+    assert len(figure.axes) == len(axes) + len(MASKS)
+    with pytest.raises(ValueError, match="unknown scale"):
+        visualize.soft_mask_figure(pixels, maps, ["a", "b", "c"], scale="row")
+
     out = tmp_path / "masks.png"
     assert visualize.main(["--workdir", digits_workdir, "--num-images", "2", "--out", str(out)]) == 0
     check_png(str(out))

@@ -4,8 +4,11 @@
     python -m resattn_jax.visualize --workdir /tmp/digits --images a.png b.png --checkpoint latest --out masks.png
 
 One row per image: the input, then per attention module its soft mask averaged over channels,
-up-sampled bilinearly to the image and overlaid as a heat map (one colour scale per column,
-shown by its colour bar). Without ``--images``, the first ``--num-images`` test images are shown.
+up-sampled bilinearly to the image and overlaid as a heat map. One colour scale for the whole
+figure by default (0..1, the range of the sigmoid masks, widened to the data where a mask leaves
+it), so that columns compare; ``--scale column`` gives each module its own (its colour bar shows
+it). A caption says what high and low mean. Without ``--images``, the first ``--num-images`` test
+images are shown.
 """
 
 from __future__ import annotations
@@ -46,10 +49,26 @@ def soft_mask_maps(trained: loop.TrainedModel, images: np.ndarray) -> dict[str, 
     return mask_maps(inference.forward(trained, images).soft_masks, np.shape(images)[1:3])
 
 
-def soft_mask_figure(pixels: np.ndarray, maps: dict[str, np.ndarray], row_labels: list[str]) -> Figure:
-    """Rows: ``pixels[i]`` (``[N, H, W, C]`` in [0, 1]), then each ``maps[name][i]`` over it as a heat map."""
+SCALES = ("shared", "column")
+CAPTION = ("Colour: the soft mask M averaged over channels. High (red): the module amplifies the trunk's "
+           "features there, up to 2x with attention residual learning, (1 + M) * T; low (blue): it passes "
+           "them as they are (with naive attention learning, M * T, it suppresses them).")
+
+
+def soft_mask_figure(pixels: np.ndarray, maps: dict[str, np.ndarray], row_labels: list[str],
+                     scale: str = "shared") -> Figure:
+    """Rows: ``pixels[i]`` (``[N, H, W, C]`` in [0, 1]), then each ``maps[name][i]`` over it as a heat map.
+
+    ``scale='shared'``: one colour scale, 0..1 widened to the maps' range, one colour bar;
+    ``'column'``: each module's own range and colour bar.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
     rows, columns = len(pixels), 1 + len(maps)
-    figure = figures.new_figure(1.8 * columns, 1.8 * rows + 0.8)
+    figure = figures.new_figure(1.8 * columns, 1.8 * rows + 1.2)
+    if maps:
+        shared = (min(0.0, *(float(v.min()) for v in maps.values())),
+                  max(1.0, *(float(v.max()) for v in maps.values())))
     axes = figure.subplots(rows, columns, squeeze=False)
     grey = pixels.shape[-1] == 1
     for i in range(rows):
@@ -57,11 +76,15 @@ def soft_mask_figure(pixels: np.ndarray, maps: dict[str, np.ndarray], row_labels
         axes[i, 0].imshow(shown, cmap="gray" if grey else None, vmin=0.0, vmax=1.0)
         axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
         for j, (name, values) in enumerate(maps.items(), start=1):
-            low, high = float(values.min()), float(values.max())
+            low, high = shared if scale == "shared" else (float(values.min()), float(values.max()))
             axes[i, j].imshow(shown, cmap="gray" if grey else None, vmin=0.0, vmax=1.0)
             heat = axes[i, j].imshow(values[i], cmap="jet", alpha=0.55, vmin=low, vmax=max(high, low + 1e-6))
-            if i == rows - 1:
+            if i == rows - 1 and scale == "column":
                 figure.colorbar(heat, ax=axes[:, j], orientation="horizontal", shrink=0.9, aspect=12)
+    if maps and scale == "shared":
+        figure.colorbar(heat, ax=axes[:, 1:], orientation="horizontal", shrink=0.6, aspect=30,
+                        label="soft mask (channel mean), one scale for all modules")
+    figure.text(0.5, 0.005, CAPTION, ha="center", va="bottom", fontsize=6, wrap=True)
     axes[0, 0].set_title("input", fontsize=9)
     for j, name in enumerate(maps, start=1):
         axes[0, j].set_title(f"{name}\nsoft mask", fontsize=9)
@@ -80,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="image files (PNG/JPEG) of the run's evaluation size and channels")
     source.add_argument("--num-images", type=int, default=4, help="first test images shown without --images")
     parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--scale", default="shared", choices=SCALES,
+                        help="one colour scale for the figure (default: 0..1, widened to the data) or one per module")
     args = parser.parse_args(argv)
     try:
         trained = inference.load(args.workdir, args.checkpoint)
@@ -93,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     if not maps:
         parser.exit(2, f"{parser.prog}: error: the network of {trained.checkpoint} has no attention modules\n")
-    path = figures.save(soft_mask_figure(inference.display_pixels(trained, images), maps, row_labels), args.out)
+    path = figures.save(soft_mask_figure(inference.display_pixels(trained, images), maps, row_labels, args.scale),
+                        args.out)
     print(f"wrote {path}: the soft masks of {len(images)} images ({', '.join(maps)}) of {trained.checkpoint} "
           f"(step {trained.step})")
     return 0
