@@ -9,6 +9,8 @@ import subprocess
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Image-folder scans are cached here (inherited by the runs tests start), not in ~/.cache.
+os.environ.setdefault("RESATTN_JAX_CACHE", __import__("tempfile").mkdtemp(prefix="resattn-jax-folders-"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

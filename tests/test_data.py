@@ -74,7 +74,7 @@ def test_config_fields_and_presets():
     assert set(data.default_data_config()) == {
         "name", "data_dir", "train_split", "validation_split", "test_split", "image_size", "eval_image_size",
         "augment", "crop_padding", "random_flip", "mean", "std", "label_noise", "label_noise_seed", "in_memory",
-        "shuffle_buffer", "prefetch"}
+        "shuffle_buffer", "prefetch", "channels", "on_bad_image"}
     cifar, imagenet = data.data_preset("cifar10"), data.data_preset("imagenet2012")
     assert (cifar.train_split, cifar.validation_split, cifar.test_split) == ("train[5000:]", "train[:5000]", "test")
     assert (imagenet.train_split, imagenet.validation_split, imagenet.test_split) == (
@@ -266,7 +266,10 @@ def test_image_folder_streams_png_and_jpeg(tmp_path):
                 image = rng.integers(0, 256, (int(rng.integers(20, 50)), int(rng.integers(20, 50)), 3), np.uint8)
                 encoded = tf.io.encode_png(image) if i % 2 else tf.io.encode_jpeg(image)
                 tf.io.write_file(str(tmp_path / split / label / f"{i}.{'png' if i % 2 else 'jpg'}"), encoded)
-    cfg = config(f"folder:{tmp_path}", validation_split="", image_size=24, eval_image_size=16)
+    # Sizes vary: streamed with the 'imagenet' augmentation (the preset would take these <= 64-pixel
+    # images CIFAR-style, which needs one size: tests/test_folder.py).
+    cfg = config(f"folder:{tmp_path}", validation_split="", image_size=24, eval_image_size=16, augment="imagenet",
+                 in_memory=False, shuffle_buffer=10_000)
     info = data.dataset_info(cfg)
     assert (info.num_classes, info.num_train, info.num_validation, info.num_test) == (2, 12, 0, 6)
     fresh = take(data.train_batches(cfg, 4, seed=0), 5)
@@ -321,6 +324,8 @@ def test_label_noise_touches_training_labels_only(digits_dir):
     ({"label_noise": -0.1}, "train", "label_noise must be in"),
     ({"augment": "autoaugment"}, "info", "unknown augment 'autoaugment'"),
     ({"in_memory": False}, "info", "needs explicit mean and std"),
+    ({"channels": 3}, "info", r"--config.data.channels=3: 'digits' has 1-channel images"),
+    ({"on_bad_image": "drop"}, "info", r"--config.data.on_bad_image='drop': choose one of"),
     ({"augment": "imagenet"}, "info", "use a streaming dataset"),
     ({"global_batch": 2048}, "train", "exceeds the 1257 training examples"),
 ])

@@ -240,3 +240,12 @@ def test_export_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # as if TensorFlow were not installed
     with pytest.raises(ValueError, match=r"the SavedModel needs TensorFlow \(pip install tensorflow-cpu\)"):
         export.load_saved_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("command", ["visualize", "analyze", "export"])
+def test_look_inside_commands_keep_tensorflow_start_up_lines_off_the_console(command):
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    result = subprocess.run([sys.executable, "-m", f"resattn_jax.{command}", "--help"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0 and "usage:" in result.stdout
+    assert result.stderr == "", result.stderr

@@ -2,3 +2,11 @@
 (:mod:`.bench`, :mod:`.bench_upsample`), FLOP counting (:mod:`.flops`), inference on a trained run
 (:mod:`.inference`), soft-mask figures (:mod:`.visualize`), analysis (:mod:`.analyze`) and export
 (:mod:`.export`)."""
+
+import os
+
+# TensorFlow is only tfds's input backend here: keep its start-up lines (oneDNN notices, absl's
+# "All log messages before absl::InitializeLog()") off the console of every command. Set before any
+# command imports TensorFlow; an explicit setting in the environment wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF's own matrix kernels, unused by the input pipeline

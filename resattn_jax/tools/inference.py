@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
+from resattn_jax.training.data._tensorflow import tf
 
 from resattn_jax.ops.backend import compiler_options
 from resattn_jax.training import data, loop, parallel

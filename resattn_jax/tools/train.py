@@ -18,11 +18,7 @@ import re
 import sys
 import traceback
 
-# TensorFlow is only tfds's input backend here: keep its start-up chatter off the console (its
-# oneDNN option concerns TF's own matrix kernels, which the input pipeline does not use).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
+# TensorFlow's start-up lines are kept off the console by resattn_jax/tools/__init__.py.
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
@@ -32,6 +28,7 @@ from resattn_jax.ops import backend  # noqa: E402
 from resattn_jax.training import loop as train_lib  # noqa: E402
 from resattn_jax.training import parallel  # noqa: E402
 from resattn_jax.training.checkpoint import CheckpointWriteError  # noqa: E402
+from resattn_jax.training.data.config import FOLDER  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:ARG]).", lock_config=True)
@@ -156,6 +153,24 @@ def parse_flags(argv):
         fail(f"cannot load the config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
+def explicit_fields(argv) -> set[str]:
+    """The config fields set on the command line: ``{'data.name', 'optimizer.learning_rate', ...}``."""
+    return {arg[len("--config."):].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")}
+
+
+def apply_folder_preset(config, explicit: set[str]) -> None:
+    """``--config.data.name=folder:PATH`` brings the folder's preset (by its images' size, see
+    :func:`resattn_jax.training.data.data_preset`) for every data field not set on the command line."""
+    if "data.name" not in explicit or not config.data.name.startswith(FOLDER):
+        return
+    from resattn_jax.training.data import folder
+
+    fields = {k: v for k, v in folder.preset(config.data.name[len(FOLDER):]).items() if f"data.{k}" not in explicit}
+    for key, value in fields.items():
+        config.data[key] = value
+    print(f"{config.data.name}: preset {', '.join(f'{k}={v!r}' for k, v in fields.items())}", file=sys.stderr)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -170,6 +185,7 @@ def main(argv):
         if FLAGS.distributed_auto or FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                             auto=FLAGS.distributed_auto)
+        apply_folder_preset(FLAGS.config, explicit_fields(sys.argv))
         summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, train_lib.CheckpointError) as e:
         fail(str(e))

@@ -210,6 +210,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     if not 0.0 <= float(config.max_skipped_fraction) <= 1.0:
         raise ValueError(f"--config.max_skipped_fraction={config.max_skipped_fraction}: must be in [0, 1]")
     check_optimizer_config(config.optimizer, int(config.num_train_steps))
+    data.forget_scans()  # an image folder is checked afresh by each run (its decodings stay cached on disk)
     info = data.dataset_info(config.data)
     model = build_model(config, info)  # unknown model names/options raise here
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False))
@@ -459,8 +460,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
                 print(f"train.py: warning: the best checkpoint (step {best_step}) cannot be restored ({e}); "
                       f"testing the final state (step {step})", file=sys.stderr)
                 best_step = step
-        test = evaluate(eval_step, state, data.eval_batches(config.data, "test", config.eval_batch_size,
-                                                            jax.process_index(), jax.process_count()), mesh)
+        try:
+            test = evaluate(eval_step, state, data.eval_batches(config.data, "test", config.eval_batch_size,
+                                                                jax.process_index(), jax.process_count()), mesh)
+        except ValueError as e:  # the data went bad during the run: the training is kept
+            raise ValueError(f"{e}; training is complete ({checkpoints.path(step)}): fix the data and rerun the "
+                             "same command to evaluate and write summary.json without training") from None
         writer.write(step, {f"test_{k}": v for k, v in test.items()})
         summary = {
             "test_accuracy": test["accuracy"], "test_top5": test["top5"], "test_loss": test["loss"],

@@ -11,6 +11,8 @@ One concept a module:
 * :mod:`.pipeline` — batching, determinism and multi-process slicing: :func:`train_batches`,
   :func:`eval_batches`, :func:`num_eval_batches`, and the training order and random draws both
   paths share, :func:`epoch_order`, :func:`augment_draws`;
+* :mod:`.folder` — image folders: scanned, checked and cached (:func:`forget_scans`) and their
+  preset;
 * :mod:`.digits` — the offline ``digits`` tfds builder.
 
 The configuration names are imported eagerly; the others load their module (and TensorFlow) on first
@@ -25,13 +27,14 @@ from resattn_jax.training.data.config import (AUGMENTS, EVAL_SPLITS, IMAGENET_ME
                                               data_preset, default_data_config)
 
 __all__ = ["AUGMENTS", "EVAL_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetInfo", "augment_draws", "corrupt_labels",
-           "data_preset", "dataset_info", "default_data_config", "epoch_order", "eval_batches", "normalisation",
-           "normalise", "num_eval_batches", "train_batches"]
+           "data_preset", "dataset_info", "default_data_config", "epoch_order", "eval_batches", "forget_scans",
+           "normalisation", "normalise", "num_eval_batches", "train_batches"]
 
 #: Public names defined outside :mod:`.config` -> the submodule that defines them (imported on first use).
 _LAZY = {
     "corrupt_labels": "labels",
     "dataset_info": "sources",
+    "forget_scans": "folder",
     "normalisation": "sources",
     "normalise": "augment",
     "augment_draws": "pipeline",

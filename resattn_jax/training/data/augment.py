@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-import tensorflow as tf
+from resattn_jax.training.data._tensorflow import tf
 
 from resattn_jax.training.data.sources import Source, normalisation, source_normalisation
 

@@ -56,6 +56,10 @@ def default_data_config() -> ml_collections.ConfigDict:
         "label_noise": 0.0,      # fraction of training labels corrupted, in [0, 1)
         "label_noise_seed": 0,
         "in_memory": config_dict.placeholder(bool),  # None: True except for imagenet2012 and folders
+        # Image folders only (data/folder.py): images decoded to this many channels (1 grey, 3 colour;
+        # None: as most training images are), and what a bad image does: 'error' stops, 'skip' leaves it out.
+        "channels": config_dict.placeholder(int),
+        "on_bad_image": "error",
         # Examples; None: the whole split (a uniform shuffle; streaming holds it all).
         "shuffle_buffer": config_dict.placeholder(int),
         "prefetch": 2,           # batches prepared ahead
@@ -70,8 +74,10 @@ def data_preset(name: str) -> ml_collections.ConfigDict:
     * ``cifar10``, ``cifar100``: ``train[5000:]`` / ``train[:5000]`` / ``test``, 32x32, 4-pixel padding.
     * ``imagenet2012``: ``train[10000:]`` / ``train[:10000]`` / ``validation``, ``imagenet``
       augmentation at 224, ImageNet mean/std, streaming through a 10,000-example shuffle buffer.
-    * ``folder:/root``: as ImageNet, with splits ``train`` / ``validation`` / ``test`` (sub-folders;
-      image folders take no slicing).
+    * ``folder:/root``: by the images' size (:func:`resattn_jax.training.data.folder.preset`, which
+      scans the folder): up to 64 pixels a side CIFAR-style at their own size, in memory; above,
+      ImageNet-style at 224, streamed. Splits ``train`` / ``validation`` / ``test`` where those
+      sub-folders exist (image folders take no slicing); normalisation computed from the images.
     * any other tfds name: ``train[10%:]`` / ``train[:10%]`` / ``test`` at 32x32; adjust as needed.
     """
     cfg = default_data_config()
@@ -80,9 +86,12 @@ def data_preset(name: str) -> ml_collections.ConfigDict:
         cfg.crop_padding, cfg.random_flip = 2, False
     elif name in ("cifar10", "cifar100"):
         cfg.train_split, cfg.validation_split = "train[5000:]", "train[:5000]"
-    elif name == "imagenet2012" or name.startswith(FOLDER):
-        if name == "imagenet2012":
-            cfg.train_split, cfg.validation_split, cfg.test_split = "train[10000:]", "train[:10000]", "validation"
+    elif name.startswith(FOLDER):
+        from resattn_jax.training.data import folder  # scans the folder (TensorFlow decodes its images)
+
+        cfg.update(folder.preset(name[len(FOLDER):]))
+    elif name == "imagenet2012":
+        cfg.train_split, cfg.validation_split, cfg.test_split = "train[10000:]", "train[:10000]", "validation"
         cfg.image_size, cfg.eval_image_size, cfg.augment = 224, 224, "imagenet"
         cfg.mean, cfg.std = IMAGENET_MEAN, IMAGENET_STD
         cfg.shuffle_buffer = 10_000

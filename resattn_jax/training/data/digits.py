@@ -12,9 +12,7 @@ seconds. Importing this module registers the builder with tfds (``tfds.builder('
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
-from sklearn.datasets import load_digits
 
 __all__ = ["Digits", "IMAGE_SIZE", "SPLIT_SIZES"]
 
@@ -24,7 +22,11 @@ SPLIT_SIZES = {"train": 1257, "validation": 180, "test": 360}
 
 def _images_and_labels() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 examples: ``uint8 [1797, 32, 32, 1]`` images and ``int64 [1797]`` labels."""
+    from sklearn.datasets import load_digits  # only when the dataset is prepared (a second of imports)
+
     digits = load_digits()
+    from resattn_jax.training.data._tensorflow import tf
+
     scaled = digits.images[..., None].astype(np.float32) * (255.0 / 16.0)  # [N, 8, 8, 1]
     resized = tf.image.resize(scaled, (IMAGE_SIZE, IMAGE_SIZE), method="bilinear").numpy()
     return np.clip(np.round(resized), 0, 255).astype(np.uint8), digits.target.astype(np.int64)

@@ -46,8 +46,9 @@ import threading
 from typing import Callable, Iterator
 
 import numpy as np
-import tensorflow as tf
+from resattn_jax.training.data._tensorflow import tf
 
+from resattn_jax.training.data import folder
 from resattn_jax.training.data.augment import center_crop_or_pad, crop, normalise_images, preprocess
 from resattn_jax.training.data.config import EVAL_SPLITS
 from resattn_jax.training.data.labels import corrupt_labels
@@ -94,8 +95,10 @@ def train_batches(cfg, global_batch_size: int, seed: int, start_step: int = 0,
         raise ValueError(f"global batch {global_batch_size} exceeds the {num_train} training examples")
     rows = slice(process_index * local, (process_index + 1) * local)
     if source.in_memory:
-        return _memory_train_batches(source, global_batch_size, seed, start_step, rows)
-    return _stream_train_batches(source, num_train, global_batch_size, seed, start_step, rows)
+        return _named_errors(_memory_train_batches(source, global_batch_size, seed, start_step, rows), source,
+                             cfg.train_split)
+    return _named_errors(_stream_train_batches(source, num_train, global_batch_size, seed, start_step, rows), source,
+                         cfg.train_split)
 
 
 def eval_batches(cfg, split: str, global_batch_size: int,
@@ -113,8 +116,19 @@ def eval_batches(cfg, split: str, global_batch_size: int,
         return iter(())
     rows = slice(process_index * local, (process_index + 1) * local)
     if source.in_memory:
-        return _memory_eval_batches(source, split_name, global_batch_size, rows)
-    return _stream_eval_batches(source, split_name, global_batch_size, rows)
+        return _named_errors(_memory_eval_batches(source, split_name, global_batch_size, rows), source, split_name)
+    return _named_errors(_stream_eval_batches(source, split_name, global_batch_size, rows), source, split_name)
+
+
+def _named_errors(batches: Iterator[dict], source: Source, split: str) -> Iterator[dict]:
+    """``batches``, with a failure to read or decode ``split`` re-raised as a one-line ``ValueError``
+    naming the dataset and split, and for an image folder the first file that fails now."""
+    try:
+        yield from batches
+    except tf.errors.OpError as e:
+        bad = folder.find_bad_file(source.folder, split) if source.folder is not None else None
+        raise ValueError(bad or f"split {split!r} of {source.cfg.name!r} cannot be read: "
+                                f"{folder.decode_error_text(e)}") from None
 
 
 # ------------------------------------------------------------------------- order and random draws (both)

@@ -2,7 +2,8 @@
 
 ``cfg.name`` is a tfds name (prepared on first use, or a one-line ``ValueError`` saying what is
 missing), ``digits`` (the offline builder of :mod:`.digits`, registered by importing this module) or
-``folder:/root`` (an image folder, ``root/split/label/image.jpg``). A resolved :class:`Source` reads
+``folder:/root`` (an image folder, ``root/split/label/image.jpg``, scanned and checked by
+:mod:`.folder` before anything else happens). A resolved :class:`Source` reads
 a split as encoded ``(image, label)`` pairs (streaming) or as whole ``uint8`` arrays (in memory),
 counts its examples and gives the per-channel normalisation statistics; arrays and statistics of
 datasets prepared on disk are kept per process.
@@ -12,44 +13,48 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+import tensorflow_datasets as tfds  # imports TensorFlow only when it reads data
 
 from resattn_jax.training.data import digits  # noqa: F401  (registers the 'digits' builder)
+from resattn_jax.training.data import folder
 from resattn_jax.training.data.config import AUGMENTS, FOLDER, STREAMING, DatasetInfo
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 __all__ = ["dataset_info", "normalisation"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """A checked configuration resolved to its tfds builder."""
+    """A checked configuration resolved to its tfds builder, or to its checked image folder."""
 
     cfg: ml_collections.ConfigDict
-    builder: tfds.core.DatasetBuilder
+    builder: tfds.core.DatasetBuilder | None
     image_key: str
     num_classes: int
     channels: int
     in_memory: bool
+    folder: folder.FolderData | None = None
 
 
-_FOLDERS: dict[str, tfds.ImageFolder] = {}  # root -> builder (listing a large folder is slow)
 _ARRAYS: dict[tuple, object] = {}  # split arrays and pixel statistics of prepared datasets, kept per process
+
+
+def _tensorflow():
+    """TensorFlow, imported when data is first read (through :mod:`._tensorflow`, its fast start):
+    checking a configuration of a prepared dataset needs only tfds's metadata."""
+    from resattn_jax.training.data._tensorflow import tf
+
+    return tf
 
 
 def _builder(cfg) -> tfds.core.DatasetBuilder:
     name = cfg.name
-    if name.startswith(FOLDER):
-        root = os.path.expanduser(name[len(FOLDER):])
-        if not os.path.isdir(root):
-            raise ValueError(f"dataset {name!r}: {root!r} is not a directory (layout root/split/label/image.jpg)")
-        if root not in _FOLDERS:
-            _FOLDERS[root] = tfds.ImageFolder(root)
-        return _FOLDERS[root]
     try:
         builder = tfds.builder(name, data_dir=cfg.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -79,8 +84,6 @@ def _check_split(builder, split: str, field: str) -> None:
     names = {part.split("[")[0].strip() for part in split.split("+")}
     if known and not names <= set(known):
         raise ValueError(f"bad {field} {split!r}: the splits of this dataset are {known}")
-    if isinstance(builder, tfds.ImageFolder) and split not in known:
-        raise ValueError(f"bad {field} {split!r}: image folders take plain split names {known}")
 
 
 def resolve(cfg) -> Source:
@@ -91,9 +94,13 @@ def resolve(cfg) -> Source:
         raise ValueError(f"label_noise must be in [0, 1), got {cfg.label_noise}")
     if min(cfg.image_size, cfg.eval_image_size) <= 0 or cfg.crop_padding < 0:
         raise ValueError("image_size and eval_image_size must be positive and crop_padding non-negative")
+    if cfg.on_bad_image not in folder.BAD_IMAGE_POLICIES:
+        raise ValueError(f"--config.data.on_bad_image={cfg.on_bad_image!r}: choose one of {folder.BAD_IMAGE_POLICIES}")
     in_memory = cfg.in_memory
     if in_memory is None:
         in_memory = not (cfg.name in STREAMING or cfg.name.startswith(FOLDER))
+    if cfg.name.startswith(FOLDER):
+        return _resolve_folder(cfg, in_memory)
     if not in_memory and (cfg.mean is None or cfg.std is None):
         raise ValueError(f"streaming dataset {cfg.name!r} needs explicit mean and std (e.g. IMAGENET_MEAN/STD)")
     if cfg.shuffle_buffer is not None and cfg.shuffle_buffer <= 0:
@@ -114,6 +121,9 @@ def resolve(cfg) -> Source:
     if in_memory and None in image_feature.shape[:2]:
         raise ValueError(f"dataset {cfg.name!r} has variable-size images: set in_memory=False")
     channels = image_feature.shape[-1] or 3
+    if cfg.channels is not None and cfg.channels != channels:
+        raise ValueError(f"--config.data.channels={cfg.channels}: {cfg.name!r} has {channels}-channel images "
+                         "(channels converts image folders only)")
     for field in ("mean", "std"):
         if cfg[field] is not None and len(cfg[field]) != channels:
             raise ValueError(f"{field} has {len(cfg[field])} values for {channels}-channel images")
@@ -124,8 +134,31 @@ def resolve(cfg) -> Source:
     return Source(cfg, builder, image_key, label_feature.num_classes, channels, in_memory)
 
 
+def _resolve_folder(cfg, in_memory: bool) -> Source:
+    """An image folder: scanned (cached), checked against ``cfg`` (:func:`folder.check`)."""
+    if in_memory and cfg.augment == "imagenet":
+        raise ValueError("augment 'imagenet' decodes variable-size images: use a streaming dataset (in_memory=False)")
+    splits = {"train_split": cfg.train_split, "validation_split": cfg.validation_split, "test_split": cfg.test_split}
+    for field, split in splits.items():
+        if split and not split.isidentifier():
+            raise ValueError(f"bad {field} {split!r}: image folders take plain split names (sub-folders such as "
+                             "'train', 'validation', 'test')")
+    used = tuple(dict.fromkeys(split for split in splits.values() if split))
+    data = folder.check(folder.scan(cfg.name[len(FOLDER):]), cfg, used)
+    for field in ("mean", "std"):
+        if cfg[field] is not None and len(cfg[field]) != data.channels:
+            raise ValueError(f"{field} has {len(cfg[field])} values for {data.channels}-channel images")
+    return Source(cfg, None, "image", len(data.classes), data.channels, in_memory, data)
+
+
 def tfds_split(source: Source, split: str) -> tf.data.Dataset:
     """``(encoded image, label)`` pairs of ``split`` in their stored order (as :func:`read_arrays` reads them)."""
+    tf = _tensorflow()
+    if source.folder is not None:
+        paths, labels = zip(*source.folder.files[split]) if source.folder.files[split] else ((), ())
+        files = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int64)))
+        return files.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
     return source.builder.as_dataset(
@@ -136,6 +169,13 @@ def tfds_split(source: Source, split: str) -> tf.data.Dataset:
 def num_examples(source: Source, split: str | None) -> int:
     if not split:
         return 0
+    if source.folder is not None:
+        return len(source.folder.files[split])
+    try:  # from the prepared dataset's metadata: no TensorFlow needed yet (it takes seconds to import)
+        return int(source.builder.info.splits[split].num_examples)
+    except (KeyError, ValueError, TypeError, AttributeError):  # e.g. a mocked dataset: count the records
+        pass
+    _tensorflow()
     count = int(source.builder.as_dataset(split=split).cardinality())
     if count < 0:
         raise ValueError(f"cannot count the examples of split {split!r} of {source.cfg.name!r}")
@@ -144,9 +184,12 @@ def num_examples(source: Source, split: str | None) -> int:
 
 def _memoised(source: Source, key: tuple, compute: Callable[[], object]) -> object:
     """``compute()``, kept per process for datasets prepared on disk (mocked ones are re-read)."""
-    if not source.builder.is_prepared():
+    if source.folder is not None:
+        key = (source.folder.signature, *key)
+    elif not source.builder.is_prepared():
         return compute()
-    key = (str(source.builder.data_path), *key)
+    else:
+        key = (str(source.builder.data_path), *key)
     if key not in _ARRAYS:
         _ARRAYS[key] = compute()
     return _ARRAYS[key]
@@ -156,6 +199,11 @@ def read_arrays(source: Source, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``split`` as read-only ``uint8 [N, H, W, C]`` images and ``int64 [N]`` labels."""
 
     def read():
+        if source.folder is not None:
+            images, labels = folder.decode_split(source.folder, split)
+            images.flags.writeable = labels.flags.writeable = False
+            return images, labels
+        _tensorflow()
         ds = source.builder.as_dataset(split=split, as_supervised=True)
         images, labels = next(iter(tfds.as_numpy(ds.batch(max(num_examples(source, split), 1)))))
         images, labels = np.asarray(images, np.uint8), np.asarray(labels, np.int64)
@@ -170,6 +218,9 @@ def source_normalisation(source: Source) -> tuple[np.ndarray, np.ndarray]:
     cfg = source.cfg
     if cfg.mean is not None and cfg.std is not None:
         return np.asarray(cfg.mean, np.float32), np.asarray(cfg.std, np.float32)
+    if source.folder is not None:  # from the scan's pixel sums
+        return (np.asarray(cfg.mean, np.float32) if cfg.mean is not None else source.folder.mean,
+                np.asarray(cfg.std, np.float32) if cfg.std is not None else source.folder.std)
 
     def compute():
         images, _ = read_arrays(source, cfg.train_split)
