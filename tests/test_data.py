@@ -67,7 +67,7 @@ def test_digits_builder_splits_partition_the_scikit_learn_data(digits_dir):
     expected_images, expected_labels = digits_dataset._images_and_labels()
     assert sorted(zip(map(bytes, images), labels)) == sorted(zip(map(bytes, expected_images), expected_labels))
     info = data.dataset_info(config("digits", data_dir=digits_dir))
-    assert info == data.DatasetInfo(10, (32, 32, 1), (32, 32, 1), 1257, 180, 360)
+    assert info == data.DatasetInfo(10, (32, 32, 1), (32, 32, 1), 1257, 180, 360, tuple("0123456789"))
 
 
 def test_config_fields_and_presets():
@@ -320,8 +320,11 @@ def test_label_noise_touches_training_labels_only(digits_dir):
     ({"train_split": "trian"}, "info", "bad train_split 'trian'"),
     ({"test_split": "test[abc"}, "info", "bad test_split"),
     ({}, "eval_train", "bad evaluation split 'train'"),
-    ({"label_noise": 1.0}, "info", "label_noise must be in"),
-    ({"label_noise": -0.1}, "train", "label_noise must be in"),
+    ({"label_noise": 1.0}, "info", r"--config.data.label_noise=1.0: must be in \[0, 1\)"),
+    ({"label_noise": -0.1}, "train", r"--config.data.label_noise=-0.1: must be in \[0, 1\)"),
+    ({"image_size": 0}, "info", "--config.data.image_size=0: must be > 0"),
+    ({"crop_padding": -1}, "info", "--config.data.crop_padding=-1: must be >= 0"),
+    ({"shuffle_buffer": 0}, "info", r"--config.data.shuffle_buffer=0: must be > 0, or None"),
     ({"augment": "autoaugment"}, "info", "unknown augment 'autoaugment'"),
     ({"in_memory": False}, "info", "needs explicit mean and std"),
     ({"channels": 3}, "info", r"--config.data.channels=3: 'digits' has 1-channel images"),

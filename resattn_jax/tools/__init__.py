@@ -1,7 +1,8 @@
 """Commands and helpers on top of the library: the train CLI (:mod:`.train`), the step benchmark
-(:mod:`.bench`, :mod:`.bench_upsample`), FLOP counting (:mod:`.flops`), inference on a trained run
-(:mod:`.inference`), soft-mask figures (:mod:`.visualize`), analysis (:mod:`.analyze`) and export
-(:mod:`.export`)."""
+(:mod:`.bench`, :mod:`.bench_upsample`), FLOP counting (:mod:`.flops`), a zoo network's summary
+table (:mod:`.summary`), inference on a trained run (:mod:`.inference`), soft-mask figures
+(:mod:`.visualize`), analysis (:mod:`.analyze`), evaluation of a checkpoint with its confusion
+matrix (:mod:`.evaluate`) and export (:mod:`.export`)."""
 
 import os
 

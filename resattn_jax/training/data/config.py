@@ -34,6 +34,7 @@ class DatasetInfo:
     num_train: int
     num_validation: int  # 0 when there is no validation split
     num_test: int
+    class_names: tuple[str, ...] = ()  # by label index: tfds's ClassLabel names, a folder's class directories
 
 
 def default_data_config() -> ml_collections.ConfigDict:

@@ -91,9 +91,13 @@ def resolve(cfg) -> Source:
     if cfg.augment not in AUGMENTS:
         raise ValueError(f"unknown augment {cfg.augment!r}; choose one of {AUGMENTS}")
     if not 0.0 <= cfg.label_noise < 1.0:
-        raise ValueError(f"label_noise must be in [0, 1), got {cfg.label_noise}")
-    if min(cfg.image_size, cfg.eval_image_size) <= 0 or cfg.crop_padding < 0:
-        raise ValueError("image_size and eval_image_size must be positive and crop_padding non-negative")
+        raise ValueError(f"--config.data.label_noise={cfg.label_noise}: must be in [0, 1)")
+    for field in ("image_size", "eval_image_size"):
+        if cfg[field] <= 0:
+            raise ValueError(f"--config.data.{field}={cfg[field]}: must be > 0")
+    for field in ("crop_padding", "prefetch"):
+        if cfg[field] < 0:
+            raise ValueError(f"--config.data.{field}={cfg[field]}: must be >= 0")
     if cfg.on_bad_image not in folder.BAD_IMAGE_POLICIES:
         raise ValueError(f"--config.data.on_bad_image={cfg.on_bad_image!r}: choose one of {folder.BAD_IMAGE_POLICIES}")
     in_memory = cfg.in_memory
@@ -104,7 +108,7 @@ def resolve(cfg) -> Source:
     if not in_memory and (cfg.mean is None or cfg.std is None):
         raise ValueError(f"streaming dataset {cfg.name!r} needs explicit mean and std (e.g. IMAGENET_MEAN/STD)")
     if cfg.shuffle_buffer is not None and cfg.shuffle_buffer <= 0:
-        raise ValueError(f"shuffle_buffer must be positive or None (the whole split), got {cfg.shuffle_buffer}")
+        raise ValueError(f"--config.data.shuffle_buffer={cfg.shuffle_buffer}: must be > 0, or None (the whole split)")
     if not in_memory and cfg.label_noise:
         raise ValueError("label_noise needs an in-memory dataset (in_memory=True)")
     if in_memory and cfg.augment == "imagenet":
@@ -247,7 +251,9 @@ def dataset_info(cfg) -> DatasetInfo:
         eval_image_shape=(cfg.eval_image_size, cfg.eval_image_size, source.channels),
         num_train=num_examples(source, cfg.train_split),
         num_validation=num_examples(source, cfg.validation_split),
-        num_test=num_examples(source, cfg.test_split))
+        num_test=num_examples(source, cfg.test_split),
+        class_names=tuple(source.folder.classes) if source.folder is not None else tuple(
+            source.builder.info.features[source.builder.info.supervised_keys[1]].names))
 
 
 def normalisation(cfg) -> tuple[np.ndarray, np.ndarray]:
