@@ -6,7 +6,7 @@ e.g. ``--config.global_batch_size=128 --config.model.remat=True``.
 
 import ml_collections
 
-from resattn_jax.training import optim
+from resattn_jax.training import mixing, optim
 from resattn_jax.training.data import data_preset
 
 
@@ -30,6 +30,16 @@ def get_config():
     config.eval_batch_size = 256
     config.num_train_steps = 160_000
     config.optimizer = optim.default_optimizer_config()
+
+    # Beyond the paper (all off: README "Fine-tuning and the modern recipe"; configs/cifar_modern.py).
+    config.label_smoothing = 0.0  # targets (1 - eps) * onehot + eps / classes
+    config.mix = mixing.default_mix_config()  # mixup / CutMix / Cutout on the device, by seed and step
+    config.grad_accum_steps = 1  # > 1: the global batch in this many micro-batches (BatchNorm per micro-batch)
+    config.ema_decay = 0.0       # > 0: an exponential moving average of the weights, evaluated and saved too
+    config.best_by = "model"     # 'ema': the best checkpoint (and the test) by the EMA weights' accuracy
+    config.init_from = ""        # a run's workdir (its best checkpoint) or WORKDIR/checkpoints/STEP
+    config.freeze = ""           # 'backbone': train only the classifier (init_from required)
+    config.profile_steps = ()    # (start, count): a jax.profiler trace of those steps in WORKDIR/tensorboard
 
     # System.
     config.seed = 0

@@ -1,5 +1,5 @@
-"""Old module paths kept working: ``python -m resattn_jax.bench`` (and ``bench_upsample``, ``visualize``,
-``analyze``, ``export``) and ``import resattn_jax.export`` run or return the module under ``tools/``."""
+"""Short module paths: ``python -m resattn_jax.bench`` (and ``bench_upsample``, ``evaluate``, ``summary``,
+``visualize``, ``analyze``, ``export``) and ``import resattn_jax.export`` run or return the module under ``tools/``."""
 
 from __future__ import annotations
 

@@ -115,6 +115,7 @@ def test_bad_configs_fail_before_writing(tmp_path, overrides, match):
     ("global_batch_size", 0, r"--config.global_batch_size=0: must be > 0"),
     ("eval_every_steps", 0, r"--config.eval_every_steps=0: must be > 0"),
     ("max_skipped_fraction", 1.5, r"--config.max_skipped_fraction=1.5: must be in \[0, 1\]"),
+    ("keep_checkpoints", 0, r"--config.keep_checkpoints=0: must be > 0"),
     ("optimizer.learning_rate", -0.1, r"--config.optimizer.learning_rate=-0.1: must be > 0"),
     ("optimizer.momentum", 1.0, r"--config.optimizer.momentum=1.0: must be in \[0, 1\)"),
     ("optimizer.weight_decay", -1e-4, r"--config.optimizer.weight_decay=-0.0001: must be >= 0"),

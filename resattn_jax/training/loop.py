@@ -24,10 +24,10 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from resattn_jax.models import create_model
-from resattn_jax.training import data, parallel
+from resattn_jax.training import data, finetune, mixing, parallel
 from resattn_jax.training.checkpoint import CheckpointError, Checkpoints, abstract_like
 from resattn_jax.training.metrics import MetricWriter, Progress
-from resattn_jax.training.optim import check_optimizer_config, create_optimizer
+from resattn_jax.training.optim import FREEZE_OPTIONS, check_optimizer_config, create_optimizer
 from resattn_jax.training.workdir import (WorkdirLock, atomic_write_text, check_writable, config_changes,
                                           config_fingerprint, ensure_free)
 
@@ -35,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "DTYPES",
     "TrainState",
+    "StepOptions",
     "NonFiniteError",
     "Preempted",
     "build_model",
@@ -51,6 +52,7 @@ __all__ = [
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NAN_POLICIES = ("stop", "skip")
+BEST_BY = ("model", "ema")
 #: Exit status of ``train.py`` after a preemption (SIGTERM/SIGINT) checkpoint: 128 + SIGTERM.
 PREEMPTED_EXIT_CODE = 143
 #: Exit status after a second SIGINT (Ctrl-C twice): 128 + SIGINT, at once, without saving.
@@ -77,6 +79,25 @@ class TrainState(train_state.TrainState):
     nonfinite_steps: jax.Array = None
     #: The first such step, or -1.
     first_nonfinite_step: jax.Array = None
+    #: With ``config.ema_decay``: exponential moving averages of ``params`` and ``batch_stats``.
+    ema_params: Any = None
+    ema_batch_stats: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What a train step does beyond the paper's plain step (every default keeps it plain)."""
+
+    num_classes: int = 0  # needed by mixing and label smoothing (soft targets)
+    mix: mixing.MixConfig = mixing.MixConfig()
+    grad_accum_steps: int = 1  # the batch in this many micro-batches, gradients averaged (a scan)
+    ema_decay: float = 0.0  # > 0: update ema_params / ema_batch_stats (optax.incremental_update)
+    train_batch_norm: bool = True  # False: BatchNorm uses and keeps its stored statistics
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> "StepOptions":
+        return cls(num_classes, mixing.MixConfig.from_config(config), int(config.get("grad_accum_steps", 1)),
+                   float(config.get("ema_decay", 0.0)), config.get("freeze", "") != "backbone")
 
 
 # ---------------------------------------------------------------------------------------- building
@@ -90,23 +111,26 @@ def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo):
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation, image_shape: tuple[int, int, int],
-                       seed: int, mesh) -> TrainState:
-    """Initialise parameters, batch statistics and optimizer state, replicated over ``mesh``."""
-    return jax.jit(lambda: _initial_state(model, optimizer, image_shape, seed),
+                       seed: int, mesh, ema: bool = False) -> TrainState:
+    """Initialise parameters, batch statistics and optimizer state, replicated over ``mesh``
+    (``ema``: with their moving averages, starting at the initial values)."""
+    return jax.jit(lambda: _initial_state(model, optimizer, image_shape, seed, ema),
                    out_shardings=parallel.replicated(mesh))()
 
 
 def _initial_state(model, optimizer: optax.GradientTransformation, image_shape: tuple[int, int, int],
-                   seed: int) -> TrainState:
+                   seed: int, ema: bool = False) -> TrainState:
     variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
                              batch_stats=variables["batch_stats"], nonfinite_steps=jnp.zeros((), jnp.int32),
-                             first_nonfinite_step=jnp.full((), -1, jnp.int32))
+                             first_nonfinite_step=jnp.full((), -1, jnp.int32),
+                             ema_params=variables["params"] if ema else None,
+                             ema_batch_stats=variables["batch_stats"] if ema else None)
 
 
 # ---------------------------------------------------------------------------------------- steps
-def make_train_step(schedule: optax.Schedule,
-                    axis_name: str | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(schedule: optax.Schedule, axis_name: str | None = None,
+                    options: StepOptions = StepOptions()) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)``: forward, backward, SGD update.
 
     With ``axis_name`` (per-device ``shard_map`` steps) the loss, hence the gradients, and the
@@ -114,21 +138,61 @@ def make_train_step(schedule: optax.Schedule,
     loss or gradients are non-finite is *not applied* (the state is kept) and recorded in
     ``state.nonfinite_steps`` / ``state.first_nonfinite_step``; the host loop then stops
     (``config.nan_policy='stop'``) or carries on (``'skip'``).
+
+    ``options`` (:class:`StepOptions`): mixup / CutMix / Cutout and label smoothing on the device
+    (:mod:`.mixing`, drawn from the seed and the step); gradient accumulation: the batch (per
+    device, in the per-device mode) split into ``grad_accum_steps`` equal micro-batches run one
+    after the other in a ``lax.scan``, their gradients averaged: the same update as the whole batch
+    at once, except that BatchNorm normalises each micro-batch by its own statistics and updates
+    its running statistics once per micro-batch (as every framework's accumulation does); the EMA
+    of the weights; BatchNorm on its stored statistics (a frozen backbone).
     """
+    accumulate = options.grad_accum_steps
+
+    def loss_fn(params, batch_stats, apply_fn, images, labels, targets):
+        variables = {"params": params, "batch_stats": batch_stats}
+        if options.train_batch_norm:
+            logits, updates = apply_fn(variables, images, train=True, mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
+        else:
+            logits = apply_fn(variables, images, train=False)
+        if targets is None:
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        else:
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+        if axis_name is not None:
+            # Mean over devices. The parameters are replicated (device-invariant), so autodiff
+            # of this pmean'd loss sums the per-device gradients / n: the gradient pmean.
+            loss = jax.lax.pmean(loss, axis_name)
+        return loss, (jnp.argmax(logits, -1), batch_stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        def loss_fn(params):
-            logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                             train=True, mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-            if axis_name is not None:
-                # Mean over devices. The parameters are replicated (device-invariant), so autodiff
-                # of this pmean'd loss sums the per-device gradients / n: the gradient pmean.
-                loss = jax.lax.pmean(loss, axis_name)
-            return loss, (logits, updates["batch_stats"])
+        images, labels, targets = batch["image"], batch["label"], None
+        if options.mix.active or options.mix.label_smoothing:
+            device = jax.lax.axis_index(axis_name) if axis_name is not None else 0
+            images, targets, _ = mixing.augment_batch(options.mix, state.step, images, labels, options.num_classes,
+                                                      device)
+        if accumulate == 1:
+            (loss, (predicted, batch_stats)), grads = grad_fn(state.params, state.batch_stats, state.apply_fn,
+                                                              images, labels, targets)
+        else:
+            def micro_step(carry, micro):
+                grad_sum, stats, loss_sum = carry
+                (loss, (predicted, stats)), grads = grad_fn(state.params, stats, state.apply_fn, *micro)
+                return (jax.tree.map(jnp.add, grad_sum, grads), stats, loss_sum + loss.astype(jnp.float32)), predicted
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+            def split(x):
+                return None if x is None else x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:])
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, batch_stats, loss), predicted = jax.lax.scan(
+                micro_step, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)),
+                (split(images), split(labels), split(targets)))
+            grads = jax.tree.map(lambda g: g / accumulate, grads)
+            loss, predicted = loss / accumulate, predicted.reshape(labels.shape)
+        accuracy = jnp.mean(predicted == labels)
         if axis_name is not None:
             accuracy = jax.lax.pmean(accuracy, axis_name)
         grad_norm = optax.global_norm(grads)
@@ -136,6 +200,11 @@ def make_train_step(schedule: optax.Schedule,
         # faster on XLA:CPU than a reduction per leaf.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        if options.ema_decay:
+            rate = 1.0 - options.ema_decay
+            updated = updated.replace(
+                ema_params=optax.incremental_update(updated.params, state.ema_params, rate),
+                ema_batch_stats=optax.incremental_update(updated.batch_stats, state.ema_batch_stats, rate))
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
                                  state.replace(step=state.step + 1))
         new_state = new_state.replace(
@@ -207,14 +276,49 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     for name in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         if int(config[name]) <= 0:
             raise ValueError(f"--config.{name}={config[name]}: must be > 0")
+    if int(config.keep_checkpoints) <= 0:
+        raise ValueError(f"--config.keep_checkpoints={config.keep_checkpoints}: must be > 0")
     if not 0.0 <= float(config.max_skipped_fraction) <= 1.0:
         raise ValueError(f"--config.max_skipped_fraction={config.max_skipped_fraction}: must be in [0, 1]")
     check_optimizer_config(config.optimizer, int(config.num_train_steps))
+    _check_recipe_config(config, num_devices)
     data.forget_scans()  # an image folder is checked afresh by each run (its decodings stay cached on disk)
     info = data.dataset_info(config.data)
     model = build_model(config, info)  # unknown model names/options raise here
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False))
     return info
+
+
+def _check_recipe_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The fields beyond the paper's recipe (label smoothing, mixing, accumulation, EMA, fine-tuning,
+    profiling): one-line ``ValueError`` naming the flag."""
+    mixing.check_mix_config(config)
+    accumulate = int(config.get("grad_accum_steps", 1))
+    if accumulate < 1:
+        raise ValueError(f"--config.grad_accum_steps={accumulate}: must be >= 1")
+    if int(config.global_batch_size) % (accumulate * num_devices):
+        raise ValueError(f"--config.grad_accum_steps={accumulate}: global_batch_size={config.global_batch_size} must "
+                         f"divide into {accumulate} micro-batches of a multiple of the {num_devices} devices")
+    ema_decay = float(config.get("ema_decay", 0.0))
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"--config.ema_decay={ema_decay}: must be in [0, 1) (0: no EMA)")
+    best_by = config.get("best_by", "model")
+    if best_by not in BEST_BY:
+        raise ValueError(f"--config.best_by={best_by!r}: choose one of {BEST_BY}")
+    if best_by == "ema" and not ema_decay:
+        raise ValueError("--config.best_by='ema' needs --config.ema_decay > 0")
+    freeze, init_from = config.get("freeze", ""), config.get("init_from", "")
+    if freeze not in FREEZE_OPTIONS:
+        raise ValueError(f"--config.freeze={freeze!r}: choose one of {FREEZE_OPTIONS}")
+    if freeze and not init_from:
+        raise ValueError("--config.freeze='backbone' needs --config.init_from (a trained backbone to keep)")
+    if init_from:
+        finetune.resolve_source(init_from)
+    profile = tuple(config.get("profile_steps", ()))
+    if profile and (len(profile) != 2 or int(profile[0]) < 1 or int(profile[1]) < 1
+                    or profile[0] + profile[1] - 1 > int(config.num_train_steps)):
+        raise ValueError(f"--config.profile_steps='{profile}': must be (first step >= 1, count >= 1) within "
+                         f"num_train_steps={config.num_train_steps}, or () for none")
 
 
 def _check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -344,11 +448,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
                   f"train step")
     compile_start = time.perf_counter()
     model = build_model(config, info)
-    optimizer, schedule = create_optimizer(config.optimizer, config.global_batch_size)
-    state = create_train_state(model, optimizer, info.image_shape, config.seed, mesh)
+    total = int(config.num_train_steps)
+    optimizer, schedule = create_optimizer(config.optimizer, config.global_batch_size, total, config.get("freeze", ""))
+    options = StepOptions.from_config(config, info.num_classes)
+    state = create_train_state(model, optimizer, info.image_shape, config.seed, mesh, ema=bool(options.ema_decay))
     axis = parallel.AXIS if config.parallel == "pmap" else None
-    train_step = parallel.compile_step(make_train_step(schedule, axis), config.parallel, mesh)
+    train_step = parallel.compile_step(make_train_step(schedule, axis, options), config.parallel, mesh)
     eval_step = parallel.compile_eval_step(make_eval_step(), "jit", mesh)
+    if config.get("init_from") and not _has_checkpoints(workdir):  # a resume continues from its own checkpoints
+        state = _init_from(state, config.init_from, mesh, is_main)
 
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
     fingerprint = config_fingerprint(config)
@@ -361,7 +469,6 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
         if is_main:
             print(f"resuming from {checkpoints.path(step)}", file=sys.stderr)
     start_step = int(meta["step"])
-    total = int(config.num_train_steps)
     if is_main:  # only now: the config was checked against the stored one and the state restored
         atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
@@ -373,15 +480,31 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
         batches = _hooked(batches, batch_hook, start_step)
     device_batches = _prefetch_to_device(batches, mesh)
 
+    selected = "ema" if config.get("best_by", "model") == "ema" else "model"
+
+    def evaluate_weights(split: str) -> dict[str, dict]:
+        """``{'model': metrics}``, plus ``'ema'`` with the moving averages of the weights."""
+        def batches():
+            return data.eval_batches(config.data, split, config.eval_batch_size, jax.process_index(),
+                                     jax.process_count())
+
+        results = {"model": evaluate(eval_step, state, batches(), mesh)}
+        if options.ema_decay:
+            results["ema"] = evaluate(eval_step, _ema_weights(state), batches(), mesh)
+        return results
+
     def run_validation(step: int) -> dict | None:
         if not info.num_validation:
             return None
-        result = evaluate(eval_step, state, data.eval_batches(config.data, "validation", config.eval_batch_size,
-                                                              jax.process_index(), jax.process_count()), mesh)
-        writer.write(step, {f"validation_{k}": v for k, v in result.items()})
+        results = evaluate_weights("validation")
+        for weights, result in results.items():
+            prefix = "validation_" if weights == "model" else "validation_ema_"
+            writer.write(step, {f"{prefix}{k}": v for k, v in result.items()})
+        result = results["model"]
         progress.note(f"step {step}: validation accuracy {result['accuracy']:.4f} (top-5 {result['top5']:.4f}, "
-                      f"loss {result['loss']:.4f}, {result['count']} images)")
-        return result
+                      f"loss {result['loss']:.4f}, {result['count']} images)"
+                      + (f"; EMA weights {results['ema']['accuracy']:.4f}" if "ema" in results else ""))
+        return results[selected]
 
     last_saved = start_step if checkpoints.steps() else None
 
@@ -404,12 +527,18 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
     window_start, window_step = time.perf_counter(), start_step
     step = start_step
     nonfinite = int(jax.device_get(state.nonfinite_steps))
+    profile, profiling = tuple(config.get("profile_steps", ())), False
     try:
         with _StopSignals() as signals:
             while step < total:
+                if profile and step + 1 == profile[0]:
+                    profiling = _start_profile(workdir, is_main)
                 state, metrics = train_step(state, next(device_batches))
                 step += 1
                 pending.append(metrics)
+                if profiling and step == profile[0] + profile[1] - 1:
+                    jax.block_until_ready(state)
+                    profiling = _stop_profile(workdir, profile)
                 if progress.active and step == start_step + 1:  # the first step compiled the train step
                     jax.block_until_ready(metrics)
                     progress.note(f"compiled and ran the first step in {time.perf_counter() - compile_start:.1f} s")
@@ -461,12 +590,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
                       f"testing the final state (step {step})", file=sys.stderr)
                 best_step = step
         try:
-            test = evaluate(eval_step, state, data.eval_batches(config.data, "test", config.eval_batch_size,
-                                                                jax.process_index(), jax.process_count()), mesh)
+                tests = evaluate_weights("test")
         except ValueError as e:  # the data went bad during the run: the training is kept
             raise ValueError(f"{e}; training is complete ({checkpoints.path(step)}): fix the data and rerun the "
                              "same command to evaluate and write summary.json without training") from None
-        writer.write(step, {f"test_{k}": v for k, v in test.items()})
+        for weights, result in tests.items():
+            writer.write(step, {f"test_{'ema_' if weights == 'ema' else ''}{k}": v for k, v in result.items()})
+        test = tests[selected]
         summary = {
             "test_accuracy": test["accuracy"], "test_top5": test["top5"], "test_loss": test["loss"],
             "test_examples": test["count"], "best_checkpoint": checkpoints.path(best_step), "best_step": best_step,
@@ -475,12 +605,61 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
             "dataset": config.data.name, "num_devices": jax.device_count(), "parallel": config.parallel,
             "dtype": config.dtype, "config_fingerprint": fingerprint,
         }
+        if options.ema_decay:  # test_* above are of the weights that chose the best checkpoint
+            summary.update(weights=selected, test_model_accuracy=tests["model"]["accuracy"],
+                           test_ema_accuracy=tests["ema"]["accuracy"], test_ema_top5=tests["ema"]["top5"])
         if is_main:
             atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
         return summary
     finally:
+        if profiling:
+            _stop_profile(workdir, profile)
         checkpoints.close()
         writer.close()
+
+
+def _ema_weights(state: TrainState) -> TrainState:
+    """``state`` with its EMA weights in place of its weights (what evaluation of the EMA runs)."""
+    return state.replace(params=state.ema_params, batch_stats=state.ema_batch_stats)
+
+
+def _start_profile(workdir: str, is_main: bool) -> bool:
+    """Start a ``jax.profiler`` trace into ``WORKDIR/tensorboard`` (process 0 only)."""
+    if is_main:
+        jax.profiler.start_trace(os.path.join(workdir, "tensorboard"))
+    return is_main
+
+
+def _stop_profile(workdir: str, profile: tuple) -> bool:
+    jax.profiler.stop_trace()
+    print(f"profiled steps {profile[0]}-{profile[0] + profile[1] - 1}: the trace is in "
+          f"{os.path.join(workdir, 'tensorboard', 'plugins', 'profile')} (tensorboard --logdir "
+          f"{os.path.join(workdir, 'tensorboard')}, Profile tab)", file=sys.stderr, flush=True)
+    return False
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _init_from(state: TrainState, init_from: str, mesh, is_main: bool) -> TrainState:
+    """``state`` with the weights of another run (:mod:`.finetune`); optimizer state and step as they are."""
+    source_dir, checkpoint = finetune.resolve_source(init_from)
+    source = load_trained(source_dir, checkpoint, mesh)
+    params, kept = finetune.merge_weights(jax.device_get(state.params), jax.device_get(source.variables["params"]),
+                                          "parameter")
+    batch_stats, _ = finetune.merge_weights(jax.device_get(state.batch_stats),
+                                            jax.device_get(source.variables["batch_stats"]), "batch statistic")
+    params, batch_stats = jax.device_put((params, batch_stats), parallel.replicated(mesh))
+    state = state.replace(params=params, batch_stats=batch_stats)
+    if state.ema_params is not None:
+        state = state.replace(ema_params=params, ema_batch_stats=batch_stats)
+    if is_main:
+        heads = (f"; the classifier ({', '.join(kept)}) re-initialised for {jax.tree.leaves(params['classifier'])[0].shape[-1]} "
+                 f"classes (the source has {source.info.num_classes})" if kept else "")
+        print(f"initialised from {source.checkpoint} (step {source.step}){heads}", file=sys.stderr)
+    return state
 
 
 def _hooked(batches: Iterator[dict], hook, start_step: int) -> Iterator[dict]:
@@ -503,7 +682,9 @@ class TrainedModel:
 
 
 def load_trained(workdir: str, checkpoint: str | int = "best", mesh=None) -> TrainedModel:
-    """Restore the network of ``workdir`` at ``checkpoint`` (``'best'``, ``'latest'`` or a step).
+    """Restore the network of ``workdir`` at ``checkpoint`` (``'best'``, ``'latest'``, ``'ema'`` or a step).
+
+    ``'ema'``: the moving averages of the weights (a run with ``ema_decay``) at the best checkpoint.
 
     The network is rebuilt from the run's ``config.json``; the state is restored replicated over
     ``mesh`` (default: all devices), whatever device count wrote it. ``'latest'`` is the newest
@@ -528,13 +709,18 @@ def load_trained(workdir: str, checkpoint: str | int = "best", mesh=None) -> Tra
         info = data.dataset_info(config.data)
         model = build_model(config, info)
         mesh = mesh or parallel.make_mesh()
-        optimizer, _ = create_optimizer(config.optimizer, config.global_batch_size)
-        abstract_state = jax.eval_shape(lambda: _initial_state(model, optimizer, info.image_shape, 0))
+        optimizer, _ = create_optimizer(config.optimizer, config.global_batch_size, config.num_train_steps,
+                                        config.get("freeze", ""))
+        ema = float(config.get("ema_decay", 0.0)) > 0
+        if checkpoint == "ema" and not ema:
+            raise ValueError(f"the run in {workdir} kept no EMA weights (trained without --config.ema_decay); "
+                             "load 'best', 'latest' or a step")
+        abstract_state = jax.eval_shape(lambda: _initial_state(model, optimizer, info.image_shape, 0, ema))
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
                               _state_dict(abstract_state))
         if checkpoint == "latest":
             step = None  # the newest readable one, falling back past unreadable ones as a resume does
-        elif checkpoint == "best":
+        elif checkpoint in ("best", "ema"):
             step = checkpoints.meta(steps[-1]).get("best_step") or steps[-1]
             if step not in steps:
                 raise ValueError(f"the best checkpoint (step {step}) is no longer in {checkpoints.directory}; "
@@ -543,11 +729,12 @@ def load_trained(workdir: str, checkpoint: str | int = "best", mesh=None) -> Tra
             try:
                 step = int(checkpoint)
             except (TypeError, ValueError):
-                raise ValueError(f"checkpoint must be 'best', 'latest' or a step, got {checkpoint!r}") from None
+                raise ValueError(f"checkpoint must be 'best', 'latest', 'ema' or a step, got {checkpoint!r}") from None
             if step not in steps:
                 raise ValueError(f"no checkpoint at step {step} in {checkpoints.directory}; steps: {steps}")
         restored, _, step = checkpoints.restore(target, step=step)
     finally:
         checkpoints.close()
-    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    prefix = "ema_" if checkpoint == "ema" else ""
+    variables = {"params": restored[f"{prefix}params"], "batch_stats": restored[f"{prefix}batch_stats"]}
     return TrainedModel(model, variables, config, info, step, checkpoints.path(step))

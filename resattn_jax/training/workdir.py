@@ -26,15 +26,24 @@ import tempfile
 import time
 from typing import Any, Mapping
 
-__all__ = ["MUTABLE_FIELDS", "WorkdirBusy", "WorkdirLock", "atomic_write_text", "check_writable",
-           "config_changes", "config_fingerprint", "ensure_free", "flatten", "lock_holder"]
+__all__ = ["ADDED_FIELD_DEFAULTS", "MUTABLE_FIELDS", "WorkdirBusy", "WorkdirLock", "atomic_write_text",
+           "check_writable", "config_changes", "config_fingerprint", "ensure_free", "flatten", "lock_holder"]
 
 #: Config fields a resumed run may change freely: how far to train, how often to log, evaluate and
 #: save, and what to do about non-finite steps (both policies leave such an update unapplied). The
 #: evaluation batch size changes no result beyond float summation order.
 MUTABLE_FIELDS = frozenset({"num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                             "progress_bar", "keep_checkpoints", "allow_config_change", "eval_batch_size",
-                            "nan_policy", "max_skipped_fraction"})
+                            "nan_policy", "max_skipped_fraction", "profile_steps"})
+
+#: Fields added after runs were first written, at the values that keep the earlier behaviour: a
+#: field at this value counts as absent, so such runs resume and keep their fingerprints.
+ADDED_FIELD_DEFAULTS = {
+    "label_smoothing": 0.0, "grad_accum_steps": 1, "ema_decay": 0.0, "best_by": "model", "init_from": "",
+    "freeze": "", "profile_steps": [], "optimizer.schedule": "piecewise", "mix.mixup_alpha": 0.0,
+    "mix.cutmix_alpha": 0.0, "mix.prob": 1.0, "mix.switch_prob": 0.5, "mix.cutout": 0, "mix.seed": None,
+    "data.channels": None, "data.on_bad_image": "error",
+}
 
 LOCK_NAME = ".lock"
 _UMASK = os.umask(0o022)
@@ -185,7 +194,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _comparable(config) -> dict[str, Any]:
     """A config (``ConfigDict`` or the dict read from ``config.json``) as flat JSON values."""
     as_dict = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
-    return flatten(json.loads(json.dumps(as_dict)))
+    flat = flatten(json.loads(json.dumps(as_dict)))
+    return {k: v for k, v in flat.items() if k not in ADDED_FIELD_DEFAULTS or v != ADDED_FIELD_DEFAULTS[k]}
 
 
 def config_changes(stored, new) -> tuple[list[str], list[str]]:
