@@ -20,6 +20,7 @@ from scipy import stats
 from tiny_config import SMALL
 
 from resattn_jax.training import data, finetune, mixing, parallel
+from resattn_jax.training import workdir as workdir_lib
 from resattn_jax.training import loop as train_lib
 from resattn_jax.training.optim import create_optimizer, default_optimizer_config, learning_rate_schedule
 
@@ -276,6 +277,17 @@ def test_recipe_fields_are_checked_before_anything_is_written(tmp_path, override
     with pytest.raises(ValueError, match=match):
         train_lib.train_and_evaluate(digits_config(6, **overrides), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cosine_run_keeps_its_length_on_resume():
+    """The cosine schedule reaches 0 at num_train_steps: lengthening it is a change, not a resume."""
+    for schedule, fixed in (("cosine", True), ("piecewise", False)):
+        stored = json.loads(digits_config(6, **{"optimizer.schedule": schedule}).to_json_best_effort())
+        longer = digits_config(8, **{"optimizer.schedule": schedule})
+        changed, allowed = workdir_lib.config_changes(stored, longer)
+        assert (changed, allowed) == ((["num_train_steps: 6 -> 8"], []) if fixed else ([], ["num_train_steps: 6 -> 8"]))
+        same = workdir_lib.config_fingerprint(stored) == workdir_lib.config_fingerprint(longer)
+        assert same != fixed
 
 
 def test_finetune_source_paths():

@@ -41,14 +41,24 @@ def write_png(path, pixels: np.ndarray) -> str:
     return str(path)
 
 
-def test_load_trained_checkpoints(digits_workdir, trained):
+def test_load_trained_checkpoints(digits_workdir, trained, tmp_path):
     assert trained.step == 4 and trained.checkpoint.endswith(os.path.join("checkpoints", "4"))
+    # A run written before the recipe and image-folder fields existed still loads.
+    old = tmp_path / "old"
+    shutil.copytree(digits_workdir, old)
+    stored = json.loads((old / "config.json").read_text())
+    for key in ("label_smoothing", "mix", "grad_accum_steps", "ema_decay", "best_by", "init_from", "freeze",
+                "profile_steps"):
+        stored.pop(key)
+    stored["optimizer"].pop("schedule"), stored["data"].pop("channels"), stored["data"].pop("on_bad_image")
+    (old / "config.json").write_text(json.dumps(stored))
+    assert train_lib.load_trained(str(old)).step == 4
     assert trained.info.eval_image_shape == (32, 32, 1) and trained.info.num_classes == 10
     assert train_lib.load_trained(digits_workdir, "latest").step == 4
     assert train_lib.load_trained(digits_workdir, "2").step == 2
     with pytest.raises(ValueError, match=r"no checkpoint at step 3 .*steps: \[2, 4\]"):
         train_lib.load_trained(digits_workdir, 3)
-    with pytest.raises(ValueError, match="checkpoint must be 'best', 'latest' or a step, got 'newest'"):
+    with pytest.raises(ValueError, match="checkpoint must be 'best', 'latest', 'ema' or a step, got 'newest'"):
         train_lib.load_trained(digits_workdir, "newest")
 
 

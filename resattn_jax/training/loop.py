@@ -183,15 +183,16 @@ def make_train_step(schedule: optax.Schedule, axis_name: str | None = None,
                 (loss, (predicted, stats)), grads = grad_fn(state.params, stats, state.apply_fn, *micro)
                 return (jax.tree.map(jnp.add, grad_sum, grads), stats, loss_sum + loss.astype(jnp.float32)), predicted
 
-            def split(x):
-                return None if x is None else x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:])
+            def split(x):  # micro-batch i: examples i, i + K, i + 2K, ... (a slice of every device's shard)
+                return None if x is None else jnp.swapaxes(x.reshape(x.shape[0] // accumulate, accumulate,
+                                                                     *x.shape[1:]), 0, 1)
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (grads, batch_stats, loss), predicted = jax.lax.scan(
                 micro_step, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)),
                 (split(images), split(labels), split(targets)))
             grads = jax.tree.map(lambda g: g / accumulate, grads)
-            loss, predicted = loss / accumulate, predicted.reshape(labels.shape)
+            loss, predicted = loss / accumulate, jnp.swapaxes(predicted, 0, 1).reshape(labels.shape)
         accuracy = jnp.mean(predicted == labels)
         if axis_name is not None:
             accuracy = jax.lax.pmean(accuracy, axis_name)
@@ -312,8 +313,6 @@ def _check_recipe_config(config: ml_collections.ConfigDict, num_devices: int) ->
         raise ValueError(f"--config.freeze={freeze!r}: choose one of {FREEZE_OPTIONS}")
     if freeze and not init_from:
         raise ValueError("--config.freeze='backbone' needs --config.init_from (a trained backbone to keep)")
-    if init_from:
-        finetune.resolve_source(init_from)
     profile = tuple(config.get("profile_steps", ()))
     if profile and (len(profile) != 2 or int(profile[0]) < 1 or int(profile[1]) < 1
                     or profile[0] + profile[1] - 1 > int(config.num_train_steps)):
@@ -411,7 +410,14 @@ def _prefetch_to_device(batches: Iterator[dict], mesh, size: int = 2) -> Iterato
 
 
 def _state_dict(state: TrainState) -> dict:
-    return serialization.to_state_dict(state)
+    """What a checkpoint holds: the state's fields but the unused ones (``None``: the EMA of a run
+    without one), so that runs written before a field existed restore as they were written."""
+    return {k: v for k, v in serialization.to_state_dict(state).items() if v is not None}
+
+
+def _restored(state: TrainState, restored: dict) -> TrainState:
+    """``state`` with the arrays of a checkpoint (:func:`_state_dict`'s tree)."""
+    return serialization.from_state_dict(state, {**serialization.to_state_dict(state), **restored})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -428,6 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if is_main:
         ensure_free(workdir)  # asked first: a busy workdir answers at once
     info = _validate_once_per_job(config)
+    if config.get("init_from") and not _has_checkpoints(workdir):  # read only when the run starts
+        finetune.resolve_source(config.init_from)
     check_writable(workdir)
     lock = WorkdirLock(workdir).acquire() if is_main else None  # held until this function returns
     try:
@@ -464,7 +472,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
     abstract = abstract_like(_state_dict(state))
     if checkpoints.steps():
         restored, meta, step = checkpoints.restore(abstract)
-        state = serialization.from_state_dict(state, restored)
+        state = _restored(state, restored)
         meta = {**meta, "config_fingerprint": fingerprint}
         if is_main:
             print(f"resuming from {checkpoints.path(step)}", file=sys.stderr)
@@ -584,7 +592,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, info: data.Da
         if best_step != step:
             try:
                 restored, _, _ = checkpoints.restore(abstract, step=best_step)
-                state = serialization.from_state_dict(state, restored)
+                state = _restored(state, restored)
             except CheckpointError as e:
                 print(f"train.py: warning: the best checkpoint (step {best_step}) cannot be restored ({e}); "
                       f"testing the final state (step {step})", file=sys.stderr)
@@ -656,8 +664,9 @@ def _init_from(state: TrainState, init_from: str, mesh, is_main: bool) -> TrainS
     if state.ema_params is not None:
         state = state.replace(ema_params=params, ema_batch_stats=batch_stats)
     if is_main:
-        heads = (f"; the classifier ({', '.join(kept)}) re-initialised for {jax.tree.leaves(params['classifier'])[0].shape[-1]} "
-                 f"classes (the source has {source.info.num_classes})" if kept else "")
+        classes = jax.tree.leaves(params["classifier"])[0].shape[-1]
+        heads = (f"; the classifier ({', '.join(kept)}) re-initialised for {classes} classes (the source has "
+                 f"{source.info.num_classes})" if kept else "")
         print(f"initialised from {source.checkpoint} (step {source.step}){heads}", file=sys.stderr)
     return state
 
@@ -684,7 +693,9 @@ class TrainedModel:
 def load_trained(workdir: str, checkpoint: str | int = "best", mesh=None) -> TrainedModel:
     """Restore the network of ``workdir`` at ``checkpoint`` (``'best'``, ``'latest'``, ``'ema'`` or a step).
 
-    ``'ema'``: the moving averages of the weights (a run with ``ema_decay``) at the best checkpoint.
+    ``'best'``: the weights that chose the best checkpoint (its EMA weights for a run with
+    ``best_by='ema'``, as ``summary.json``'s test figures are); ``'ema'``: the moving averages of
+    the weights (a run with ``ema_decay``) at the best checkpoint.
 
     The network is rebuilt from the run's ``config.json``; the state is restored replicated over
     ``mesh`` (default: all devices), whatever device count wrote it. ``'latest'`` is the newest
@@ -735,6 +746,7 @@ def load_trained(workdir: str, checkpoint: str | int = "best", mesh=None) -> Tra
         restored, _, step = checkpoints.restore(target, step=step)
     finally:
         checkpoints.close()
-    prefix = "ema_" if checkpoint == "ema" else ""
+    ema_weights = checkpoint == "ema" or (checkpoint == "best" and config.get("best_by", "model") == "ema")
+    prefix = "ema_" if ema_weights else ""
     variables = {"params": restored[f"{prefix}params"], "batch_stats": restored[f"{prefix}batch_stats"]}
     return TrainedModel(model, variables, config, info, step, checkpoints.path(step))

@@ -203,15 +203,20 @@ def config_changes(stored, new) -> tuple[list[str], list[str]]:
     :data:`MUTABLE_FIELDS` that differ between the ``stored`` and the ``new`` config."""
     old, now = _comparable(stored), _comparable(new)
     changed, allowed = [], []
+    # The cosine schedule reaches 0 at num_train_steps: lengthening such a run changes its rates.
+    fixed_length = "cosine" in (old.get("optimizer.schedule"), now.get("optimizer.schedule"))
     for field in sorted(set(old) | set(now)):
         if old.get(field, "<absent>") != now.get(field, "<absent>"):
             line = f"{field}: {old.get(field, '<absent>')!r} -> {now.get(field, '<absent>')!r}"
-            (allowed if field in MUTABLE_FIELDS else changed).append(line)
+            mutable = field in MUTABLE_FIELDS and not (fixed_length and field == "num_train_steps")
+            (allowed if mutable else changed).append(line)
     return changed, allowed
 
 
 def config_fingerprint(config) -> str:
     """sha256 (16 hex digits) of the config's fields outside :data:`MUTABLE_FIELDS`: two runs with the
     same fingerprint train the same way."""
-    fixed = {k: v for k, v in _comparable(config).items() if k not in MUTABLE_FIELDS}
+    flat = _comparable(config)
+    fixed = {k: v for k, v in flat.items()
+             if k not in MUTABLE_FIELDS or (k == "num_train_steps" and flat.get("optimizer.schedule") == "cosine")}
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]

@@ -121,14 +121,14 @@ def decode_error_text(error: Exception) -> str:
 
 def _measure(path: str) -> dict:
     """Decode one file: its shape and pixel sums, or the error."""
-    import tensorflow as tf  # only the input pipeline imports TensorFlow
+    from resattn_jax.training.data._tensorflow import tf  # only the input pipeline imports TensorFlow
 
     try:
         with open(path, "rb") as f:
             encoded = f.read()
         image = tf.io.decode_image(encoded, channels=0, expand_animations=False).numpy()
-    except OSError as e:
-        return {"error": f"cannot read it ({e.strerror})"}
+    except OSError as e:  # not cached: it may be transient (EIO, too many open files)
+        return {"error": f"cannot read it ({e.strerror})", "transient": True}
     except Exception as e:  # noqa: BLE001 - every decoding failure is a bad image
         return {"error": decode_error_text(e)}
     h, w, c = image.shape
@@ -250,7 +250,7 @@ def _scan(root: str) -> FolderScan:
             else:
                 todo.append((relative, key))
     if todo:
-        importlib.import_module("tensorflow")  # before the clock starts (seconds, once)
+        importlib.import_module("resattn_jax.training.data._tensorflow")  # before the clock starts (seconds, once)
 
         progress = _Progress(f"checking the images of folder:{root}", len(todo))
 
@@ -263,7 +263,7 @@ def _scan(root: str) -> FolderScan:
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             entries.update(pool.map(measure, todo))
         progress.close()
-        _write_cache(cache_path, root, {k: v for k, v in entries.items() if "key" in v})
+        _write_cache(cache_path, root, {k: v for k, v in entries.items() if "key" in v and not v.get("transient")})
     index = {name: i for i, name in enumerate(classes)}
 
     def record(relative: str, name: str) -> ImageRecord:
@@ -285,8 +285,9 @@ def _majority(values) -> object:
 def check(found: FolderScan, cfg, used_splits: tuple[str, ...]) -> FolderData:
     """Apply the data config ``cfg`` to a scan; one-line ``ValueError`` for every problem."""
     name = f"folder:{found.root}"
-    if cfg.on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"--config.data.on_bad_image={cfg.on_bad_image!r}: choose one of {BAD_IMAGE_POLICIES}")
+    on_bad_image = cfg.get("on_bad_image", "error")
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"--config.data.on_bad_image={on_bad_image!r}: choose one of {BAD_IMAGE_POLICIES}")
     missing = [s for s in used_splits if s not in found.splits]
     if missing:
         raise ValueError(f"dataset {name!r} has no split folder {missing[0]!r} (it has {sorted(found.splits)}); "
@@ -299,7 +300,7 @@ def check(found: FolderScan, cfg, used_splits: tuple[str, ...]) -> FolderData:
     if not train:
         raise ValueError(f"dataset {name!r}: the {used_splits[0]!r} split has no images")
     decoded = [r for r in train if r.shape is not None]
-    channels = cfg.channels
+    channels = cfg.get("channels")
     if channels is None:
         channels = 1 if _majority(1 if r.shape[2] < 3 else 3 for r in decoded) == 1 else 3
     elif channels not in (1, 3):
@@ -321,7 +322,7 @@ def check(found: FolderScan, cfg, used_splits: tuple[str, ...]) -> FolderData:
             else:
                 good.append(r)
         files[split] = good
-    if bad and cfg.on_bad_image == "error":
+    if bad and on_bad_image == "error":
         raise ValueError(f"dataset {name!r}: {len(bad)} bad image{'s' if len(bad) > 1 else ''}, the first "
                          f"{bad[0][0]}: {bad[0][1]} (fix or remove {'them' if len(bad) > 1 else 'it'}, or set "
                          "--config.data.on_bad_image=skip)")
@@ -357,7 +358,7 @@ def decode_split(data: FolderData, split: str) -> tuple[np.ndarray, np.ndarray]:
 
     A file that no longer decodes (changed since the scan) is a one-line ``ValueError`` naming it.
     """
-    import tensorflow as tf
+    from resattn_jax.training.data._tensorflow import tf
 
     files = data.files[split]
 
@@ -386,11 +387,14 @@ def decode_split(data: FolderData, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def find_bad_file(data: FolderData, split: str) -> str | None:
-    """The first file of ``split`` that does not decode now (after a failure in the stream)."""
-    try:
-        decode_split(data, split)
-    except ValueError as e:
-        return str(e)
+    """The first file of ``split`` that does not decode now (after a failure in the stream), as a
+    one-line message naming it; files are decoded one at a time and nothing is kept."""
+    for path, label in data.files[split]:
+        one = dataclasses.replace(data, size=None, files={split: ((path, label),)})
+        try:
+            decode_split(one, split)
+        except ValueError as e:
+            return str(e)
     return None
 
 

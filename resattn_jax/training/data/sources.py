@@ -98,8 +98,9 @@ def resolve(cfg) -> Source:
     for field in ("crop_padding", "prefetch"):
         if cfg[field] < 0:
             raise ValueError(f"--config.data.{field}={cfg[field]}: must be >= 0")
-    if cfg.on_bad_image not in folder.BAD_IMAGE_POLICIES:
-        raise ValueError(f"--config.data.on_bad_image={cfg.on_bad_image!r}: choose one of {folder.BAD_IMAGE_POLICIES}")
+    on_bad_image = cfg.get("on_bad_image", "error")  # (absent from the config.json of runs written before it)
+    if on_bad_image not in folder.BAD_IMAGE_POLICIES:
+        raise ValueError(f"--config.data.on_bad_image={on_bad_image!r}: choose one of {folder.BAD_IMAGE_POLICIES}")
     in_memory = cfg.in_memory
     if in_memory is None:
         in_memory = not (cfg.name in STREAMING or cfg.name.startswith(FOLDER))
@@ -125,7 +126,7 @@ def resolve(cfg) -> Source:
     if in_memory and None in image_feature.shape[:2]:
         raise ValueError(f"dataset {cfg.name!r} has variable-size images: set in_memory=False")
     channels = image_feature.shape[-1] or 3
-    if cfg.channels is not None and cfg.channels != channels:
+    if cfg.get("channels") is not None and cfg.channels != channels:
         raise ValueError(f"--config.data.channels={cfg.channels}: {cfg.name!r} has {channels}-channel images "
                          "(channels converts image folders only)")
     for field in ("mean", "std"):
