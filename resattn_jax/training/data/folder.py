@@ -32,11 +32,12 @@ import json
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
+
+from resattn_jax.training.workdir import atomic_write_text
 
 __all__ = ["BAD_IMAGE_POLICIES", "EXTENSIONS", "FolderData", "check", "decode_error_text", "decode_split", "find_bad_file",
            "forget_scans", "preset", "scan"]
@@ -78,7 +79,6 @@ class FolderData:
     channels: int
     size: tuple[int, int] | None  # the one image size (height, width), when the augmentation needs one
     files: dict[str, tuple[tuple[str, int], ...]]  # split -> (absolute path, label), the good images
-    skipped: int
     mean: np.ndarray  # float32 [channels], 0..255 units, over the training split
     std: np.ndarray
     signature: str  # changes when any image used does (its path, shape or pixel sums)
@@ -103,10 +103,7 @@ def _write_cache(path: str, root: str, files: dict) -> None:
     """Atomically; a cache that cannot be written only costs the next run a scan."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".scan.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": _CACHE_VERSION, "root": root, "files": files}, f)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"version": _CACHE_VERSION, "root": root, "files": files}))
     except OSError:
         pass
 
@@ -283,11 +280,10 @@ def _majority(values) -> object:
 
 
 def check(found: FolderScan, cfg, used_splits: tuple[str, ...]) -> FolderData:
-    """Apply the data config ``cfg`` to a scan; one-line ``ValueError`` for every problem."""
+    """Apply the data config ``cfg`` (its ``on_bad_image`` checked by the caller,
+    :func:`..sources.resolve`) to a scan; one-line ``ValueError`` for every problem."""
     name = f"folder:{found.root}"
     on_bad_image = cfg.get("on_bad_image", "error")
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"--config.data.on_bad_image={on_bad_image!r}: choose one of {BAD_IMAGE_POLICIES}")
     missing = [s for s in used_splits if s not in found.splits]
     if missing:
         raise ValueError(f"dataset {name!r} has no split folder {missing[0]!r} (it has {sorted(found.splits)}); "
@@ -346,7 +342,7 @@ def check(found: FolderScan, cfg, used_splits: tuple[str, ...]) -> FolderData:
                                                             for s, v in files.items()})).encode()).hexdigest()[:16]
     return FolderData(found.root, found.classes, channels, size,
                       {s: tuple((os.path.join(found.root, r.path), r.label) for r in v) for s, v in files.items()},
-                      len(bad), mean.astype(np.float32), std.astype(np.float32), digest)
+                      mean.astype(np.float32), std.astype(np.float32), digest)
 
 
 def _field(split: str) -> str:
