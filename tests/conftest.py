@@ -19,11 +19,15 @@ import pytest  # noqa: E402
 
 import resattn_jax  # noqa: E402
 
-# Identical computations recompile in every fresh train_and_evaluate call: share compiled
-# executables through JAX's persistent cache for this test session.
+# Identical computations recompile in every fresh train_and_evaluate call and in every process a
+# test starts (train.py runs, 2-process runs, exports): share compiled executables through JAX's
+# persistent cache for this test session, in this process (config) and in its children (environment).
 import tempfile  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="resattn-jax-cache-"))
+_XLA_CACHE = tempfile.mkdtemp(prefix="resattn-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -8,6 +8,7 @@ import pytest
 from resattn_jax.tools import bench
 
 TINY_MACS_AT_32 = 7_264_896  # README model zoo (tests/test_docs.py checks it against the model)
+TINY_PARAMS_10_CLASSES = 61_938  # README model zoo
 KEYS = {"images_per_sec", "step_ms_median", "compile_s", "flops_per_step", "mfu", "peak_memory_bytes",
         "peak_host_rss_bytes", "device_kind", "num_devices", "jax_version"}
 
@@ -43,6 +44,9 @@ def test_benchmark_figures(parallel_mode, mode, remat, monkeypatch):
     else:
         assert result["flops_per_step"] == pytest.approx(result["analytic_flops_per_step"], rel=0.10)
         assert result["analytic_flops_per_step"] == 3 * 2 * TINY_MACS_AT_32 * 8
+    # What benchmarks/compare_pytorch.py checks a PyTorch twin against.
+    assert result["macs_per_image"] == TINY_MACS_AT_32
+    assert result["params"] == TINY_PARAMS_10_CLASSES
 
 
 def test_cli_prints_exactly_one_json_object(capsys):

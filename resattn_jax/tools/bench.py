@@ -144,7 +144,7 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
          peak_tflops, num_classes, devices, mesh, dataset, profile_dir=None, profile_steps=3) -> dict:
     figures = {"compile_s": 0.0, "flops_per_step": None, "analytic_flops_per_step": None,
                "xla_flops_per_step": None, "flops_source": None, "compiled_peak_memory_bytes": None,
-               "profile_dir": profile_dir, "profile_error": None}
+               "profile_dir": profile_dir, "profile_error": None, "params": None, "macs_per_image": None}
     if mode == "input":
         batches = _pipeline_batches(dataset, batch_size, None, num_classes, mesh)
         image_size = next(batches)["image"].shape[1]
@@ -182,6 +182,8 @@ def _run(model, image_size, batch_size, dtype, parallel_mode, mode, remat, steps
         macs = model_macs(net, jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, *image_shape)))),
                           (batch_size, *image_shape))
         figures["analytic_flops_per_step"] = 2.0 * macs * (3 if mode == "train" else 1)
+        figures["macs_per_image"] = macs // batch_size
+        figures["params"] = sum(x.size for x in jax.tree.leaves(state.params))
         current = {"state": state, "batch": first}
 
         def run_one():
