@@ -6,8 +6,21 @@ import os
 import signal
 import subprocess
 
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a process this suite starts: ``devices`` host CPU devices (default: one)."""
+    return f"--xla_force_host_platform_device_count={devices}" if devices else ""
+
+
+def child_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a process this suite starts (train.py runs, exports, 2-process runs):
+    ``devices`` host CPU devices (default: one, as a plain run), TensorFlow's start-up lines off, and,
+    inherited from this process, the shared compilation cache."""
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices), "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+
+
 # Must happen before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Image-folder scans are cached here (inherited by the runs tests start), not in ~/.cache.
 os.environ.setdefault("RESATTN_JAX_CACHE", __import__("tempfile").mkdtemp(prefix="resattn-jax-folders-"))
@@ -24,11 +37,11 @@ import resattn_jax  # noqa: E402
 # persistent cache for this test session, in this process (config) and in its children (environment).
 import tempfile  # noqa: E402
 
-_XLA_CACHE = tempfile.mkdtemp(prefix="resattn-jax-cache-")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="resattn-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def num_elements(tree) -> int:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "device_check.py"
@@ -85,7 +86,7 @@ def _allowed_modules() -> set[str]:
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("device_check")
     imports = out / "imports.json"
-    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a plain run
+    env = child_env()  # one CPU device, as a plain run
     proc = subprocess.run([sys.executable, "-c", CHILD, str(SCRIPT), str(imports), ",".join(BLOCKED),
                            "--dry-run", "--profile", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600, cwd="/")

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ChildProcesses, live_group_members
+from conftest import ChildProcesses, child_env, live_group_members
 
 from resattn_jax.training import data, parallel
 from resattn_jax.training import loop as train_lib
@@ -41,8 +41,7 @@ def free_port() -> int:
 
 def launch(children: ChildProcesses, workdir, devices: int, extra=(), process_id=None, num_processes=None, port=None,
            steps=STEPS, network="small"):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests")}
+    env = child_env(devices, PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"))
     command = [sys.executable, "train.py", "--config", f"tests/tiny_config.py:{steps},{network}", "--workdir", str(workdir),
                *extra]
     if process_id is not None:

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import digits_config
+from conftest import child_env, digits_config
 
 from resattn_jax.training import data
 from resattn_jax.training import loop as train_lib
@@ -179,7 +179,7 @@ def test_scan_is_cached_by_path_size_and_mtime(grey, monkeypatch):
 def run_cli(root, workdir, *flags):
     return subprocess.run([sys.executable, "train.py", "--config", "tests/tiny_config.py:4", "--workdir", str(workdir),
                            f"--config.data.name=folder:{root}", *flags], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"})
+                          timeout=900, env=child_env())
 
 
 def test_cli_trains_a_grey_folder_from_its_name_alone(tmp_path):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import digits_config
+from conftest import child_env, digits_config
 
 from resattn_jax.training import loop as train_lib
 from resattn_jax.training.checkpoint import CheckpointError, Checkpoints
@@ -178,7 +178,7 @@ def test_unwritable_workdir(tmp_path):
 def test_cli_prints_one_line_errors(tmp_path, flag, match):
     result = subprocess.run([sys.executable, "train.py", "--config", "configs/digits.py", "--workdir",
                              str(tmp_path / "run"), flag], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"})
+                            env=child_env())
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "rror" in line]
     assert errors and match in errors[-1], result.stderr[-2000:]

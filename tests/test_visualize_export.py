@@ -14,6 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import child_env
 from matplotlib import image as mpimg
 
 from resattn_jax.tools import analyze, export, inference, visualize
@@ -235,7 +236,7 @@ def test_exported_function_matches_the_library_in_a_fresh_process(trained, digit
                  **{{f"tf_{{k}}": saved(v) for k, v in images.items()}})
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"})
+                            env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     logits = np.load(tmp_path / "logits.npz")
     for key, value in expected.items():

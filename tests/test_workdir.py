@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import digits_config
+from conftest import child_env, digits_config
 
 from resattn_jax.tools import checkpoint as checkpoint_tool
 from resattn_jax.tools import train as train_cli
@@ -50,10 +50,8 @@ def scribble(path: str) -> None:
 
 
 def subprocess_env() -> dict:
-    """Child train.py processes share the test session's compilation cache and its 8 CPU devices."""
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    """Child train.py processes run on 8 CPU devices, as the tests in this process do."""
+    return child_env(8)
 
 
 def train_cmd(workdir, steps: int, *flags: str) -> list[str]:
