@@ -49,11 +49,6 @@ def scribble(path: str) -> None:
         f.write(np.random.default_rng(0).bytes(16))
 
 
-def subprocess_env() -> dict:
-    """Child train.py processes run on 8 CPU devices, as the tests in this process do."""
-    return child_env(8)
-
-
 def train_cmd(workdir, steps: int, *flags: str) -> list[str]:
     return [sys.executable, "train.py", "--config", f"tests/tiny_config.py:{steps}", "--workdir", str(workdir),
             *flags]
@@ -173,7 +168,7 @@ def test_config_changes_separates_lengths_and_intervals():
 # ------------------------------------------------------------------------------------ the lock
 def test_second_run_on_a_locked_workdir_exits_2_naming_the_holder(tmp_path):
     workdir = tmp_path / "run"
-    holder = subprocess.Popen(train_cmd(workdir, 100_000), cwd=REPO, env=subprocess_env(),
+    holder = subprocess.Popen(train_cmd(workdir, 100_000), cwd=REPO, env=child_env(8),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -184,7 +179,7 @@ def test_second_run_on_a_locked_workdir_exits_2_naming_the_holder(tmp_path):
         with pytest.raises(WorkdirBusy, match=f"in use by pid {holder.pid} on host"):
             WorkdirLock(str(workdir)).acquire()
         start = time.monotonic()
-        second = subprocess.run(train_cmd(workdir, 8), cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+        second = subprocess.run(train_cmd(workdir, 8), cwd=REPO, env=child_env(8), capture_output=True, text=True,
                                 timeout=120)
         elapsed = time.monotonic() - start
         assert second.returncode == 2, second.stderr[-2000:]
@@ -272,7 +267,7 @@ def test_disk_full_is_one_line(tmp_path):
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here")
     try:
-        result = subprocess.run(train_cmd(mount / "run", 8), cwd=REPO, env=subprocess_env(), capture_output=True,
+        result = subprocess.run(train_cmd(mount / "run", 8), cwd=REPO, env=child_env(8), capture_output=True,
                                 text=True, timeout=300)
     finally:
         subprocess.run(["umount", str(mount)], check=False)
@@ -309,7 +304,7 @@ def test_kill_9_campaign_ends_bit_identical(tmp_path):
     kills = 0
     while kills < 3 and saved() < steps:
         seen = saved()
-        run = subprocess.Popen(train_cmd(workdir, steps, *flags), cwd=REPO, env=subprocess_env(),
+        run = subprocess.Popen(train_cmd(workdir, steps, *flags), cwd=REPO, env=child_env(8),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while saved() <= seen and run.poll() is None and time.monotonic() < deadline:
@@ -319,7 +314,7 @@ def test_kill_9_campaign_ends_bit_identical(tmp_path):
         run.kill()
         run.wait()
     assert kills == 3
-    final = subprocess.run(train_cmd(workdir, steps, *flags), cwd=REPO, env=subprocess_env(), capture_output=True,
+    final = subprocess.run(train_cmd(workdir, steps, *flags), cwd=REPO, env=child_env(8), capture_output=True,
                            text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     a, b = read_final_state(tmp_path / "straight", steps), read_final_state(workdir, steps)
