@@ -56,7 +56,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    config = get_config("4")
+    config = get_config("4,tiny")
     info = loop.validate_config(config)
     model = loop.build_model(config, info)
     optimizer, _ = loop.create_optimizer(config.optimizer, config.global_batch_size)

@@ -1,7 +1,7 @@
 """The whole GPU story in one run: numerics against the host CPU, Attention-56 step figures, per-op choices.
 
     python benchmarks/device_check.py --out DIR [--profile] [--budget-s 450]   # on one GPU (or TPU)
-    python benchmarks/device_check.py --dry-run --out DIR [--profile]           # the same on this CPU, tiny
+    python benchmarks/device_check.py --dry-run --out DIR [--profile]           # the same on this CPU, micro network
 
 Writes ``DIR/results.jsonl`` (one JSON object per measurement, written as it is made, so a run cut
 short keeps what it measured) and ``DIR/summary.md`` (the same as Markdown tables, rewritten after
@@ -35,7 +35,7 @@ every measurement, whole). Sections, in this order:
 The clock starts with the script; a measurement that would end after ``--budget-s`` (estimated
 from the longest step benchmark so far) is recorded as skipped instead, so one call fits a
 15-minute device lease with time to rerun. ``--dry-run`` runs the same code on the CPU with the
-tiny network and tiny batches (CI runs it: tests/test_device_check.py). Exit status 1 if the
+micro network and tiny batches (CI runs it: tests/test_device_check.py). Exit status 1 if the
 numerics disagree or a measurement failed (out-of-memory is a result, not a failure).
 """
 
@@ -85,7 +85,7 @@ TOLERANCE = 1e-4
 UPDATE_TOLERANCE = 1e-2
 PROFILE_LIMIT_BYTES = 16 * 2**20
 
-#: What each run measures: the full plan on an accelerator, the tiny one for ``--dry-run``.
+#: What each run measures: the full plan on an accelerator, the micro network's for ``--dry-run``.
 PLANS = {
     "device": {
         "numerics": {"model": "cifar_attention56", "image_size": 32, "batch_size": 32, "num_classes": 10},
@@ -100,8 +100,8 @@ PLANS = {
         "conv1x1": [((56, 56, 256), 64), ((56, 56, 64), 256), ((14, 14, 1024), 256)],
     },
     "dry-run": {
-        "numerics": {"model": "tiny", "image_size": 32, "batch_size": 4, "num_classes": 10},
-        "bench": {"model": "tiny", "image_size": 32, "num_classes": 10, "steps": 2, "warmup": 1},
+        "numerics": {"model": "micro", "image_size": 32, "batch_size": 4, "num_classes": 10},
+        "bench": {"model": "micro", "image_size": 32, "num_classes": 10, "steps": 2, "warmup": 1},
         "train_batches": (2,), "float32_batch": 2, "eval_batch": 2,
         "op_batch": 2, "op_seconds": 0.01,
         "upsample": [((4, 4, 16), 8)],

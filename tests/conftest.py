@@ -61,11 +61,12 @@ def zoo_counts(name: str, size: int) -> dict[str, int]:
             "macs": model_macs(model, variables, shape)}
 
 
-def digits_config(workdir_steps: int = 6, **overrides):
-    """``tests/tiny_config.py`` (digits, tiny network, a few steps) with dotted-path overrides."""
+def digits_config(workdir_steps: int = 6, network: str = "micro", **overrides):
+    """``tests/tiny_config.py`` (digits, a few steps of ``network``: micro, small or tiny) with
+    dotted-path overrides."""
     import tiny_config
 
-    config = tiny_config.get_config(str(workdir_steps))
+    config = tiny_config.get_config(f"{workdir_steps},{network}")
     for key, value in overrides.items():
         target = config
         *path, leaf = key.split(".")
@@ -86,11 +87,12 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def digits_workdir(tmp_path_factory) -> str:
-    """A finished 4-step digits run of the tiny network (checkpoints at steps 2 and 4), shared by the session."""
+    """A finished 4-step digits run of the tiny network (three stages; checkpoints at steps 2 and 4),
+    shared by the session."""
     from resattn_jax.training import loop as train_lib
 
     workdir = str(tmp_path_factory.mktemp("digits_run"))
-    train_lib.train_and_evaluate(digits_config(4), workdir)
+    train_lib.train_and_evaluate(digits_config(4, network="tiny"), workdir)
     return workdir
 
 

@@ -100,7 +100,7 @@ def test_dry_run_passes_with_tensorflow_tfds_sklearn_blocked(dry_run):
     proc = dry_run["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     by_mode = {(r["section"], r["status"]) for r in dry_run["records"]}
-    # The tiny model's bench ran in train and eval mode, with the blocked modules unimportable.
+    # The micro model's bench ran in train and eval mode, with the blocked modules unimportable.
     assert ("train", "ok") in by_mode and ("eval", "ok") in by_mode
 
 

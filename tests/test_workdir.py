@@ -97,7 +97,7 @@ def test_damaged_checkpoint_is_reported_set_aside_and_the_run_finishes(digits_wo
     assert "step 2: ok" in printed and "step 4: DAMAGED" in printed and "does not match its checksum" in printed
 
     with caplog.at_level(logging.WARNING):
-        summary = train_lib.train_and_evaluate(digits_config(4), workdir)
+        summary = train_lib.train_and_evaluate(digits_config(4, network="tiny"), workdir)
     warnings = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
     assert len(warnings) == 1 and "checkpoints/4 is corrupt" in warnings[0] and "\n" not in warnings[0]
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
@@ -150,10 +150,11 @@ def test_resume_with_a_changed_config_stops_unless_allowed(digits_workdir, tmp_p
     workdir = copy_run(digits_workdir, tmp_path / "run")
     stored = open(os.path.join(workdir, "config.json"), "rb").read()
     with pytest.raises(ValueError, match=r"global_batch_size: 16 -> 32.*allow_config_change"):
-        train_lib.train_and_evaluate(digits_config(4, global_batch_size=32, seed=3), workdir)
+        train_lib.train_and_evaluate(digits_config(4, network="tiny", global_batch_size=32, seed=3), workdir)
     assert open(os.path.join(workdir, "config.json"), "rb").read() == stored
 
-    summary = train_lib.train_and_evaluate(digits_config(4, global_batch_size=32, allow_config_change=True), workdir)
+    summary = train_lib.train_and_evaluate(digits_config(4, network="tiny", global_batch_size=32,
+                                                              allow_config_change=True), workdir)
     assert summary["resumed_from_step"] == 4
     assert "resuming with a changed config: global_batch_size: 16 -> 32" in capsys.readouterr().err
     assert json.load(open(os.path.join(workdir, "config.json")))["global_batch_size"] == 32

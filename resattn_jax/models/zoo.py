@@ -43,6 +43,10 @@ MODELS: dict[str, Callable[..., ResidualAttentionNet]] = {
     # A tiny network with every feature (3 stages, masks with 2/1/1 pools) for fast tests.
     "tiny": partial(_cifar, stem_width=8, stage_widths=(16, 32, 64), modules_per_stage=(1, 1, 1),
                     final_width=64, final_units=1),
+    # The smallest network with the paper's parts (stem, one attention module whose soft mask pools
+    # once, classifier): the training loop's tests and smoke runs, compiled in a third of tiny's time.
+    "micro": partial(_cifar, stem_width=8, stage_widths=(16,), modules_per_stage=(1,), mask_pools=(1,),
+                     stage_strides=(1,), final_width=16, final_units=0),
 }
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ResidualAttentionNet) if f.name not in ("parent", "name"))
