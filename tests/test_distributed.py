@@ -106,7 +106,7 @@ def test_four_device_checkpoint_restores_on_one_device(four_device_run):
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, child_processes):
     port = free_port()
     processes = [launch(child_processes, tmp_path, devices=1, process_id=i, num_processes=2, port=port, steps=2000,
-                        extra=["--config.log_every_steps=1"]) for i in range(2)]
+                        extra=["--config.log_every_steps=1"], network="micro") for i in range(2)]
     metrics = tmp_path / "metrics.jsonl"
     # Readiness from the children: two logged steps. The deadline only bounds a hang (a slow
     # machine waits longer); a child that exits early fails the test at once.

@@ -157,7 +157,7 @@ def test_console_says_what_the_run_is_doing(tmp_path):
     with contextlib.redirect_stderr(console):
         train_lib.train_and_evaluate(digits_config(4, progress_bar=True), str(tmp_path / "run"))
     lines = console.getvalue().splitlines()
-    assert lines[0].startswith("compiling tiny (float32, global batch 16 on "), lines
+    assert lines[0].startswith("compiling micro (float32, global batch 16 on "), lines
     assert re.fullmatch(r"compiled and ran the first step in \d+\.\d s", lines[1]), lines
     assert re.fullmatch(r"\[#+\.*\] 2/4 [\d.]+ it/s ETA .* loss [\d.]+ acc [\d.]+ \d+ img/s", lines[2]), lines
     assert re.fullmatch(r"step 4: validation accuracy [01]\.\d{4} \(top-5 [01]\.\d{4}, loss [\d.]+, 180 images\)",
