@@ -31,8 +31,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-#: The glibc settings of ``resattn_jax.ops.cpu.host.retain_host_memory``, as environment variables.
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+#: The glibc settings of ``resattn_jax.ops.cpu.host.retain_host_memory``, as environment variables
+#: (the variable takes a size_t: 2**62 means "never trim", as the library's -1 through mallopt).
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
 TORCH_CONFIGS = {"nchw": [], "channels_last": ["--channels-last"]}
 #: Default image size and batch size per network.
 MODEL_DEFAULTS = {"attention56": (224, "8"), "cifar_attention56": (32, "128"), "cifar_attention92": (32, "128")}

@@ -33,6 +33,11 @@ def retain_host_memory() -> bool:
     unmaps them on free, so every step re-faults its whole working set (470,000 page faults per
     Attention-56 train step at batch 8, about 12 % of its time). With one malloc arena, no
     ``mmap`` for large blocks and no trimming, the second step onwards reuses the same pages.
+    "No trimming" is a threshold of ``-1``, which glibc stores as the largest ``size_t``: the
+    largest ``int`` (2 GiB) is not enough, since a step whose temporaries exceed it (3.1 GB for
+    cifar_attention92 at batch 128) frees them into a top chunk above the threshold, which glibc
+    then hands back to the OS, and the next step faults in every page again (772,000 faults and
+    1.1 s of system time per step, docs/benchmarks.md).
     The price: the process keeps its peak host memory, and threads share one arena, which
     fragments (the default digits run peaks at 5.0 GB instead of 2.2 GB) and makes threads take
     turns (the in-memory input pipeline 1.4x slower; docs/benchmarks.md). Only
@@ -45,5 +50,6 @@ def retain_host_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
+    never = -1  # mallopt takes an int; glibc converts it to size_t: SIZE_MAX, no top chunk reaches it
     return all(mallopt(option, value) == 1 for option, value in
-               ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+               ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, never)))
