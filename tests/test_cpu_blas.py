@@ -36,11 +36,42 @@ def test_custom_calls_are_built_and_loaded_here():
     assert backend.native_available()
 
 
-@pytest.mark.parametrize("m,k,n", [(37, 5, 11), (64, 48, 16), (300, 7, 129), (1, 3, 2)])
+# The wgrad kernel takes N % 16 == 0 (K > N with K % 16 == 0 computes the transpose); the rest OpenBLAS.
+@pytest.mark.parametrize("m,k,n", [(37, 5, 11), (64, 48, 16), (300, 7, 129), (1, 3, 2), (1000, 64, 16),
+                                   (700, 16, 48), (2000, 100, 32), (255, 25, 64), (513, 32, 160), (3, 1, 16)])
 def test_matmul_tn_equals_xla(m, k, n):
     a, b = _normal(0, m, k), _normal(1, m, n)
     out = jax.jit(cpu_blas.matmul_tn)(a, b)
     np.testing.assert_allclose(out, jax.lax.dot_general(a, b, TN), rtol=1e-5, atol=1e-4)
+
+
+# Every tap's boundary (H or W of 1 and 2), input channels that are no block multiple, 16 to 64
+# output channels (one to four vectors per block), several images per thread.
+@pytest.mark.parametrize("shape,c_out", [((3, 5, 1, 7), 16), ((2, 1, 1, 3), 32), ((5, 2, 9, 20), 48),
+                                         ((4, 8, 8, 16), 64), ((1, 3, 4, 30), 16), ((9, 6, 7, 13), 32)])
+def test_wgrad3x3_equals_xla(shape, c_out):
+    x, dy = _normal(19, *shape), _normal(20, *shape[:-1], c_out)
+    out = jax.jit(cpu_blas.wgrad3x3)(x, dy)
+    np.testing.assert_allclose(out, cpu_blas.wgrad3x3_xla(x, dy), rtol=1e-5, atol=1e-4)
+
+
+def test_wgrad3x3_differentiates_like_xla():
+    x, dy = _normal(21, 2, 5, 6, 3), _normal(22, 2, 5, 6, 16)
+    loss = lambda wgrad: lambda x, dy: jnp.sum(jnp.sin(wgrad(x, dy)))  # noqa: E731
+    ours = jax.grad(loss(cpu_blas.wgrad3x3), (0, 1))(x, dy)
+    ref = jax.grad(loss(cpu_blas.wgrad3x3_xla), (0, 1))(x, dy)
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-4), ours, ref)
+
+
+@pytest.mark.parametrize("c_out,dtype,native", [(16, jnp.float32, True), (24, jnp.float32, False),
+                                                (16, jnp.bfloat16, False)])
+def test_conv3x3_weight_gradient_takes_the_kernel_where_it_applies(c_out, dtype, native):
+    x, dy = _normal(23, 2, 4, 4, 8).astype(dtype), _normal(24, 2, 4, 4, c_out).astype(dtype)
+    lowered = jax.jit(lambda x, dy: backend.conv3x3_weight_gradient(x, dy)).lower(x, dy)
+    assert ("resattn_wgrad3x3" in lowered.as_text()) == native
+    out = lowered.compile()(x, dy)
+    np.testing.assert_allclose(out.astype(jnp.float32), cpu_blas.wgrad3x3_xla(x, dy).astype(jnp.float32),
+                               rtol=2e-2 if dtype == jnp.bfloat16 else 1e-5, atol=1e-1 if dtype == jnp.bfloat16 else 1e-4)
 
 
 @pytest.mark.parametrize("batch,t,k,n", [(16, 9, 5, 7), (36, 33, 8, 3), (1, 1, 1, 1)])
@@ -105,6 +136,19 @@ def test_inside_shard_map_with_a_replicated_operand():
     g_whole = jax.grad(lambda w: jnp.sum(xla(a, w) ** 2))(w)
     np.testing.assert_allclose(g_autodiff, g_whole, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(g, g_whole, rtol=1e-5, atol=1e-4)
+
+
+def test_conv3x3_kernel_gradient_inside_shard_map():
+    """Per-device images, a replicated kernel: the kernel's cotangent (the wgrad kernel's, summed over
+    the devices) is the gradient over the whole batch."""
+    from resattn_jax.ops import conv3x3, conv3x3_direct  # noqa: PLC0415
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    x, w = _normal(25, 8, 6, 6, 5), _normal(26, 3, 3, 5, 16)
+    grad = lambda conv: lambda x, w: jax.grad(lambda w: jnp.sum(conv(x, w) ** 2))(w)  # noqa: E731
+    g = jax.jit(jax.shard_map(grad(conv3x3), mesh=mesh, in_specs=(P("data"), P()), out_specs=P()))(x, w)
+    assert "resattn_wgrad3x3" in jax.jit(grad(conv3x3)).lower(x, w).as_text()
+    np.testing.assert_allclose(g, grad(conv3x3_direct)(x, w), rtol=1e-5, atol=1e-3)
 
 
 def test_portable_traces_xla_products_only():

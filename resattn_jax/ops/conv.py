@@ -98,7 +98,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Equal (up to rounding) to :func:`conv3x3_direct`; the algorithm is the backend's choice
     (:func:`resattn_jax.ops.backend.conv3x3_forward`: Winograd on CPU in float32 on large enough
     maps). The input gradient of a stride-1 3x3 convolution is itself one, so the backward pass
-    makes the same choice; the kernel gradient is XLA's. Reverse mode only (``jax.grad``,
+    makes the same choice; the kernel gradient is the backend's too
+    (:func:`resattn_jax.ops.backend.conv3x3_weight_gradient`). Reverse mode only (``jax.grad``,
     ``jax.vjp``), to any order.
     """
     return _conv3x3_forward(x, kernel)
@@ -113,8 +114,8 @@ def _conv3x3_bwd(residuals, dy):
     # d/dx of a padding-1 cross-correlation: the same convolution of dy with the kernel rotated
     # by 180 degrees and its channel axes swapped.
     dx = _conv3x3_forward(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    (dkernel,) = jax.linear_transpose(lambda k: conv3x3_direct(x, k), kernel)(dy)
-    return dx, dkernel
+    # Inside shard_map a replicated kernel's cotangent is the sum over devices.
+    return dx, sum_like(backend.conv3x3_weight_gradient(x, dy).astype(kernel.dtype), kernel)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

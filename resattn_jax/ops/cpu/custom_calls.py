@@ -1,11 +1,14 @@
 """CPU custom calls (XLA FFI, float32): matrix products through OpenBLAS, and batch norm's sums.
 
-XLA:CPU runs two kinds of products of this network at half the speed the CPU allows
-(docs/benchmarks.md): the weight gradient of a 1x1 convolution, ``x^T dy`` contracted over the
-batch and spatial axes (``[N*H*W, C_in]^T [N*H*W, C_out]``, 95-160 GFLOP/s against OpenBLAS's
-160-250 on the same 2 cores), and the 16 or 36 batched small products of a Winograd convolution.
-:func:`matmul_tn` and :func:`batched_matmul` compute them with single-threaded OpenBLAS ``sgemm``
-calls spread over XLA's own intra-op threads (``csrc/cpu_blas.cc``), so they add no threads.
+XLA:CPU runs some products of this network at a fraction of the speed the CPU allows
+(docs/benchmarks.md): the weight gradients of 1x1 and 3x3 convolutions, contracted over the batch
+and spatial axes (``[N*H*W, C_in]^T [N*H*W, C_out]``: 40-220 GFLOP/s in XLA, 106-318 in OpenBLAS,
+which packs both operands on every call), and the 16 or 36 batched small products of a Winograd
+convolution. :func:`matmul_tn` (1x1) and :func:`wgrad3x3` compute the weight gradients with this
+package's register-blocked kernels (``csrc/wgrad.cc``, no packing or transposed copies; OpenBLAS
+for :func:`matmul_tn` where ``C_out`` is not a multiple of 16), :func:`batched_matmul` with
+single-threaded OpenBLAS ``sgemm`` calls; all spread their work over XLA's own intra-op threads
+(``csrc/cpu_blas.cc``), so they add no threads.
 :func:`bn_sums` and :func:`bn_grad_sums` (``csrc/bn_sums.cc``) give batch norm its two
 per-channel sums in one pass over the activation each, where XLA's reduction kernels read it
 once per sum (train step 1.10x on Attention-56).
@@ -39,10 +42,11 @@ import jax.numpy as jnp
 from resattn_jax.ops.varying import sum_like, varying_axes
 
 __all__ = ["TARGETS", "load", "native_library", "verify_native", "matmul_tn", "batched_matmul", "bn_sums",
-           "bn_grad_sums", "bn_sums_xla", "bn_grad_sums_xla"]
+           "bn_grad_sums", "bn_sums_xla", "bn_grad_sums_xla", "wgrad3x3", "wgrad3x3_xla", "WGRAD_MULTIPLE"]
 
 _TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul",
-            "resattn_bn_sums": "ResattnBnSums", "resattn_bn_grad_sums": "ResattnBnGradSums"}
+            "resattn_bn_sums": "ResattnBnSums", "resattn_bn_grad_sums": "ResattnBnGradSums",
+            "resattn_wgrad3x3": "ResattnWgrad3x3"}
 #: The custom-call targets this module registers (tests look for them in lowered programs).
 TARGETS = tuple(_TARGETS)
 
@@ -153,6 +157,28 @@ def _batched_matmul_bwd(residuals, g):
 
 
 batched_matmul.defvjp(lambda a, b: (batched_matmul(a, b), (a, b)), _batched_matmul_bwd)
+
+
+#: The weight-gradient kernels (``csrc/wgrad.cc``) need the output channels to be a multiple of this.
+WGRAD_MULTIPLE = 16
+
+
+def wgrad3x3_xla(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """:func:`wgrad3x3` in XLA: the padding-1 correlation of ``x`` with ``dy`` over the batch and spatial
+    axes (what autodiff of the convolution in its kernel computes; written out, its result varies
+    over the same ``shard_map`` axes as the operands, like the custom call's)."""
+    return jax.lax.conv_general_dilated(x, dy, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("CHWN", "IHWO", "HWNC"))
+
+
+@jax.custom_vjp
+def wgrad3x3(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """The kernel gradient of a stride-1, padding-1 3x3 convolution: ``x [N, H, W, K]``, ``dy [N, H, W, C]``
+    -> ``[3, 3, K, C]``, ``sum over n, h, w of x[n, h + i - 1, w + j - 1]^T dy[n, h, w]``; float32, ``C`` a
+    multiple of :data:`WGRAD_MULTIPLE`, on CPU only."""
+    return _call("resattn_wgrad3x3", (3, 3, x.shape[-1], dy.shape[-1]), x, dy)
+
+
+wgrad3x3.defvjp(lambda x, dy: (wgrad3x3(x, dy), (x, dy)), lambda res, g: jax.vjp(wgrad3x3_xla, *res)[1](g))
 
 
 # Batch norm's per-channel sums in one pass each (csrc/bn_sums.cc); reverse-mode derivatives are

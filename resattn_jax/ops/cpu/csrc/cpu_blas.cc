@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "parallel_for.h"
+#include "wgrad.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -22,7 +23,8 @@ using Sgemm = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 Sgemm sgemm = nullptr;
 
-// out[K, N] = a[M, K]^T b[M, N]; split over the longer of K and N (no partial sums).
+// out[K, N] = a[M, K]^T b[M, N]: wgrad.cc's kernel where N is a multiple of 16, else OpenBLAS split
+// over the longer of K and N (no partial sums).
 ffi::Error MatmulTn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                     ffi::ResultBuffer<ffi::F32> out) {
   if (a.dimensions().size() != 2 || b.dimensions().size() != 2 || a.dimensions()[0] != b.dimensions()[0])
@@ -30,6 +32,7 @@ ffi::Error MatmulTn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<f
   const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = b.dimensions()[1];
   const float *pa = a.typed_data(), *pb = b.typed_data();
   float* pc = out->typed_data();
+  if (resattn::MatmulTnRows(pool, pa, pb, m, k, n, pc)) return ffi::Error::Success();
   const bool split_n = n >= k;
   const int64_t pieces = Threads(pool), total = split_n ? n : k;
   ParallelFor(pool, pieces, [=](int64_t i) {
