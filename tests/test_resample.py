@@ -150,3 +150,40 @@ def test_max_pool_gradient_matches_xla_reduce_window(shape):
     np.testing.assert_array_equal(y, y_ref)
     grad = jnp.asarray(np.random.default_rng(2).normal(size=y.shape).astype(np.float32))
     np.testing.assert_allclose(vjp(grad)[0], vjp_ref(grad)[0], rtol=1e-6, atol=1e-6)
+
+
+def _lowered_text(f, *args):
+    return jax.jit(f).lower(*args).as_text()
+
+
+def test_cpu_float32_resampling_runs_the_custom_calls():
+    """On CPU in float32 the pool's gradient and both directions of the up-sampling are the C++
+    calls (the tests above check their values); bfloat16 and portable traces keep XLA's formulas."""
+    from resattn_jax.ops import backend  # noqa: PLC0415
+
+    x = jax.random.normal(jax.random.key(7), (2, 8, 8, 4))
+    pool_grad = lambda v: jax.grad(lambda u: jnp.sum(jnp.sin(max_pool_3x3s2(u))))(v)  # noqa: E731
+    up_grad = lambda v: jax.grad(lambda u: jnp.sum(jnp.sin(upsample_bilinear(u, (15, 15)))))(v)  # noqa: E731
+    text = _lowered_text(pool_grad, x) + _lowered_text(up_grad, x)
+    assert all(t in text for t in ("resattn_max_pool_grad", "resattn_upsample", "resattn_upsample_grad"))
+    assert "resattn_" not in _lowered_text(pool_grad, x.astype(jnp.bfloat16)) + _lowered_text(up_grad, x.astype(jnp.bfloat16))
+    with backend.portable():
+        pool_xla = lambda v: jax.grad(lambda u: jnp.sum(jnp.sin(max_pool_3x3s2(u))))(v)  # noqa: E731
+        up_xla = lambda v: jax.grad(lambda u: jnp.sum(jnp.sin(upsample_bilinear(u, (15, 15)))))(v)  # noqa: E731
+        assert "resattn_" not in _lowered_text(pool_xla, x) + _lowered_text(up_xla, x)
+        ref_pool, ref_up = jax.jit(pool_xla)(x), jax.jit(up_xla)(x)
+    np.testing.assert_allclose(jax.jit(pool_grad)(x), ref_pool, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(up_grad)(x), ref_up, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_second_order_gradient():
+    """Reverse-over-reverse through the pool's custom-call gradient matches autodiff of XLA's
+    reduce_window pooling (distinct values: no ties)."""
+    x = jax.random.normal(jax.random.key(8), (2, 6, 7, 3))
+    reference = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+
+    def grad_norm(pool):
+        f = lambda v: jnp.sum(jnp.sin(pool(v)) * jnp.cos(v[:, ::2, ::2]))  # noqa: E731
+        return jax.grad(lambda v: jnp.sum(jnp.sin(jax.grad(f)(v))))(x)
+
+    np.testing.assert_allclose(jax.jit(lambda: grad_norm(max_pool_3x3s2))(), grad_norm(reference), rtol=1e-5, atol=1e-5)

@@ -116,3 +116,24 @@ def test_second_order_gradient_matches_direct():
     got = jax.grad(grad_norm(conv3x3), 1)(x, w)
     want = jax.grad(grad_norm(conv3x3_direct), 1)(x, w)
     assert _rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 7, 9, 6)])
+def test_strided_module_equals_nn_conv_with_gradients(shape):
+    """Stride 2 (the stage transitions): the same parameters and initial values as ``nn.Conv``, the
+    same outputs and gradients (its kernel gradient is the backend's: the wgrad kernel here)."""
+    from flax import linen as nn
+
+    x = jax.random.normal(jax.random.key(4), shape)
+    from resattn_jax.ops import conv_init
+
+    theirs = nn.Conv(32, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=conv_init)
+    ours = Conv3x3(32, strides=2)
+    variables = theirs.init(jax.random.key(0), x)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), ours.init(jax.random.key(0), x), variables)))
+    loss = lambda module: lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))  # noqa: E731
+    assert "resattn_wgrad3x3" in jax.jit(jax.grad(loss(ours))).lower(variables, x).as_text()
+    assert _rel_err(ours.apply(variables, x), theirs.apply(variables, x)) < 1e-6
+    got = jax.jit(jax.grad(loss(ours), (0, 1)))(variables, x)
+    want = jax.grad(loss(theirs), (0, 1))(variables, x)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5), got, want)

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from resattn_jax.ops.cpu import custom_calls, host, winograd
 
 __all__ = ["STEP_KINDS", "batched_products", "bn_grad_sums", "bn_sums", "compiler_options", "conv3x3_forward",
-           "conv3x3_weight_gradient", "cpu_only_run", "native_available", "portable", "tune_host_memory",
-           "weight_gradient"]
+           "conv3x3_weight_gradient", "cpu_only_run", "max_pool_grad", "native_available", "portable",
+           "tune_host_memory", "upsample_bilinear", "weight_gradient"]
 
 STEP_KINDS = ("train", "eval")
 _state = threading.local()
@@ -99,13 +99,14 @@ def weight_gradient(rows: jax.Array, dy: jax.Array) -> jax.Array:
     return _native(custom_calls.matmul_tn, lambda a, b: jax.lax.dot_general(a, b, _TN), rows, dy)
 
 
-def conv3x3_weight_gradient(x: jax.Array, dy: jax.Array) -> jax.Array:
-    """The kernel gradient of a stride-1, padding-1 3x3 convolution, ``x [N, H, W, C_in]``,
-    ``dy [N, H, W, C_out]`` -> ``[3, 3, C_in, C_out]``: this package's kernel on CPU in float32 where
+def conv3x3_weight_gradient(x: jax.Array, dy: jax.Array, stride: int = 1) -> jax.Array:
+    """The kernel gradient of a padding-1 3x3 convolution with ``stride``, ``x [N, H, W, C_in]``,
+    ``dy [N, Ho, Wo, C_out]`` -> ``[3, 3, C_in, C_out]``: this package's kernel on CPU in float32 where
     ``C_out`` is a multiple of 16 (XLA:CPU transposes both operands first), else XLA's."""
+    xla = functools.partial(custom_calls.wgrad3x3_xla, stride=stride)
     if dy.shape[-1] % custom_calls.WGRAD_MULTIPLE:
-        return custom_calls.wgrad3x3_xla(x, dy)
-    return _native(custom_calls.wgrad3x3, custom_calls.wgrad3x3_xla, x, dy)
+        return xla(x, dy)
+    return _native(functools.partial(custom_calls.wgrad3x3, stride=stride), xla, x, dy)
 
 
 def batched_products(v: jax.Array, u: jax.Array) -> jax.Array:
@@ -125,6 +126,24 @@ def bn_grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
     ``dy, x [M, C]``, ``mean, mul, bias [C]`` -> ``[2, C]``; one pass on CPU in float32, else XLA's."""
     return _native(functools.partial(custom_calls.bn_grad_sums, relu=relu),
                    functools.partial(custom_calls.bn_grad_sums_xla, relu=relu), dy, x, mean, mul, bias)
+
+
+def max_pool_grad(first: jax.Array, grad: jax.Array, geometry: tuple[int, int, int, int],
+                  xla: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """The 3x3 / stride-2 max-pool's input gradient from ``first`` (int8 window index of each output's
+    first maximum) and ``grad``, ``geometry = (h, w, pad_h, pad_w)``: one pass in C++ on CPU in float32
+    (XLA:CPU fuses the producers of both into its 9 shifted reads and computes them 9 times), else
+    ``xla(first, grad)``."""
+    native = functools.partial(custom_calls.max_pool_grad, geometry=tuple(int(v) for v in geometry))
+    return _on_cpu(native, xla, first, grad, when=grad.dtype == jnp.float32 and native_available())
+
+
+def upsample_bilinear(x: jax.Array, size: tuple[int, int], xla: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Bilinear up-sampling (align_corners=True) of ``x [N, h, w, C]`` to ``size``: one pass in C++ on
+    CPU in float32 (XLA:CPU gathers through transposed copies of the map), else ``xla(x)``."""
+    sizes = (int(x.shape[1]), int(x.shape[2]), int(size[0]), int(size[1]))
+    native = functools.partial(custom_calls.upsample, sizes=sizes)
+    return _on_cpu(native, xla, x, when=x.dtype == jnp.float32 and native_available())
 
 
 def conv3x3_forward(x: jax.Array, kernel: jax.Array, direct: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:

@@ -2,8 +2,8 @@
 
 :func:`conv` returns the layer for a ``k x k`` window: 1x1 convolutions are matrix products over the
 channel axis (:class:`Conv1x1`, which XLA:CPU runs without the transposes its convolution path
-inserts), stride-1 3x3 convolutions are :class:`Conv3x3` (Winograd on CPU in float32, see
-:func:`conv3x3`), everything else ``flax.linen.Conv``. Every kernel keeps ``nn.Conv``'s
+inserts), 3x3 convolutions are :class:`Conv3x3` (stride 1: Winograd on CPU in float32, see
+:func:`conv3x3`; any stride: the backend's kernel gradient), everything else ``flax.linen.Conv``. Every kernel keeps ``nn.Conv``'s
 ``[k, k, C_in / groups, C_out]`` layout and the name ``kernel``, so parameter trees do not depend on
 which layer computes them. Padding reproduces Caffe's explicit symmetric padding (``pad = k // 2``),
 so strided 3x3 and 7x7 windows start at pixel 0 as in the official release. Initialisation: He /
@@ -14,6 +14,7 @@ The backend choices (OpenBLAS weight gradient, Winograd) are made in :mod:`resat
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ from flax import linen as nn
 from resattn_jax.ops import backend
 from resattn_jax.ops.varying import sum_like
 
-__all__ = ["Conv1x1", "Conv3x3", "conv", "conv3x3", "conv3x3_direct", "conv_init"]
+__all__ = ["Conv1x1", "Conv3x3", "conv", "conv3x3", "conv3x3_direct", "conv3x3_strided", "conv_init"]
 
 Dtype = Any
 
@@ -121,11 +122,39 @@ def _conv3x3_bwd(residuals, dy):
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
+def _strided_direct(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
+                                        dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_strided(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """3x3, padding 1, stride ``stride`` convolution, ``[N, H, W, C_in] x [3, 3, C_in, C_out] ->
+    [N, ceil(H/s), ceil(W/s), C_out]`` (Caffe's windows, starting at pixel 0): XLA's convolution and
+    input gradient, the backend's kernel gradient (:func:`resattn_jax.ops.backend.conv3x3_weight_gradient`).
+    Reverse mode only."""
+    return _strided_direct(x, kernel, stride)
+
+
+def _conv3x3_strided_fwd(x, kernel, stride):
+    return _strided_direct(x, kernel, stride), (x, kernel)
+
+
+def _conv3x3_strided_bwd(stride, residuals, dy):
+    x, kernel = residuals
+    (dx,) = jax.linear_transpose(lambda x: _strided_direct(x, kernel, stride), x)(dy)
+    return dx, sum_like(backend.conv3x3_weight_gradient(x, dy, stride).astype(kernel.dtype), kernel)
+
+
+conv3x3_strided.defvjp(_conv3x3_strided_fwd, _conv3x3_strided_bwd)
+
+
 class Conv3x3(nn.Module):
-    """Bias-free 3x3 convolution, stride 1, padding 1: ``[N, H, W, C_in] -> [N, H, W, features]``
-    through :func:`conv3x3`."""
+    """Bias-free 3x3 convolution, padding 1: ``[N, H, W, C_in] -> [N, ceil(H/s), ceil(W/s), features]``
+    through :func:`conv3x3` (stride 1) or :func:`conv3x3_strided`."""
 
     features: int
+    strides: int = 1
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = conv_init
@@ -134,7 +163,7 @@ class Conv3x3(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return conv3x3(x, kernel)
+        return conv3x3(x, kernel) if self.strides == 1 else conv3x3_strided(x, kernel, self.strides)
 
 
 def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, *, dtype: Dtype | None = None,
@@ -144,8 +173,8 @@ def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, *, dtype
     (He / MSRA by default)."""
     if kernel == 1 and groups == 1:
         return Conv1x1(features, strides, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
-    if kernel == 3 and strides == 1 and groups == 1:
-        return Conv3x3(features, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
+    if kernel == 3 and groups == 1:
+        return Conv3x3(features, strides, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
                    feature_group_count=groups, use_bias=False, kernel_init=kernel_init, dtype=dtype,

@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from resattn_jax.ops import backend
+
 __all__ = ["max_pool_3x3s2", "pooled_size"]
 
 
@@ -47,8 +49,9 @@ def max_pool_3x3s2(x: jax.Array) -> jax.Array:
 
     The forward pass is the maximum of the 9 strided window views. The backward pass routes each
     output gradient to the *first* maximum of its window in row-major order (Caffe's and XLA's
-    rule) with 9 interior-padded adds; XLA's generic ``reduce_window`` gradient materialises
-    index arrays and costs 10x more on CPU.
+    rule): with 9 interior-padded adds in XLA (its generic ``reduce_window`` gradient materialises
+    index arrays and costs 10x more on CPU), in one C++ pass on CPU in float32
+    (:func:`resattn_jax.ops.backend.max_pool_grad`).
 
     Args:
       x: ``[N, H, W, C]``.
@@ -68,8 +71,9 @@ def _max_pool_fwd(x):
     return y, (first, x.shape)
 
 
-def _max_pool_bwd(residuals, grad):
-    first, (n, h, w, c) = residuals
+def _route_xla(first, grad, shape):
+    """XLA's formula of the backward pass: 9 selects of ``grad`` by ``first``, interior-padded and added."""
+    n, h, w, c = shape
     (low_h, high_h), (low_w, high_w) = _pool_padding(h), _pool_padding(w)
     ho, wo = grad.shape[1:3]
     zero = jnp.zeros((), grad.dtype)
@@ -81,7 +85,14 @@ def _max_pool_bwd(residuals, grad):
         term = jax.lax.pad(routed, zero, ((0, 0, 0), (a, h + low_h + high_h - a - 2 * ho + 1, 1),
                                           (b, w + low_w + high_w - b - 2 * wo + 1, 1), (0, 0, 0)))
         total = term if total is None else total + term
-    return (total[:, low_h:low_h + h, low_w:low_w + w, :],)
+    return total[:, low_h:low_h + h, low_w:low_w + w, :]
+
+
+def _max_pool_bwd(residuals, grad):
+    first, shape = residuals
+    _, h, w, _ = shape
+    geometry = (h, w, _pool_padding(h)[0], _pool_padding(w)[0])
+    return (backend.max_pool_grad(first, grad, geometry, functools.partial(_route_xla, shape=shape)),)
 
 
 max_pool_3x3s2.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -8,7 +8,9 @@ convolution. :func:`matmul_tn` (1x1) and :func:`wgrad3x3` compute the weight gra
 package's register-blocked kernels (``csrc/wgrad.cc``, no packing or transposed copies; OpenBLAS
 for :func:`matmul_tn` where ``C_out`` is not a multiple of 16), :func:`batched_matmul` with
 single-threaded OpenBLAS ``sgemm`` calls; all spread their work over XLA's own intra-op threads
-(``csrc/cpu_blas.cc``), so they add no threads.
+(``csrc/cpu_blas.cc``), so they add no threads. :func:`max_pool_grad`, :func:`upsample` and
+:func:`upsample_grad` (``csrc/resample.cc``) are the soft mask's resampling, where XLA:CPU
+recomputes fused producers at every shifted read or gathers through transposed copies.
 :func:`bn_sums` and :func:`bn_grad_sums` (``csrc/bn_sums.cc``) give batch norm its two
 per-channel sums in one pass over the activation each, where XLA's reduction kernels read it
 once per sum (train step 1.10x on Attention-56).
@@ -38,15 +40,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resattn_jax.ops.varying import sum_like, varying_axes
 
 __all__ = ["TARGETS", "load", "native_library", "verify_native", "matmul_tn", "batched_matmul", "bn_sums",
-           "bn_grad_sums", "bn_sums_xla", "bn_grad_sums_xla", "wgrad3x3", "wgrad3x3_xla", "WGRAD_MULTIPLE"]
+           "bn_grad_sums", "bn_sums_xla", "bn_grad_sums_xla", "wgrad3x3", "wgrad3x3_xla", "WGRAD_MULTIPLE", "max_pool_grad", "upsample", "upsample_grad"]
 
 _TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul",
             "resattn_bn_sums": "ResattnBnSums", "resattn_bn_grad_sums": "ResattnBnGradSums",
-            "resattn_wgrad3x3": "ResattnWgrad3x3"}
+            "resattn_wgrad3x3": "ResattnWgrad3x3", "resattn_max_pool_grad": "ResattnMaxPoolGrad",
+            "resattn_upsample": "ResattnUpsample", "resattn_upsample_grad": "ResattnUpsampleGrad"}
 #: The custom-call targets this module registers (tests look for them in lowered programs).
 TARGETS = tuple(_TARGETS)
 
@@ -163,22 +167,73 @@ batched_matmul.defvjp(lambda a, b: (batched_matmul(a, b), (a, b)), _batched_matm
 WGRAD_MULTIPLE = 16
 
 
-def wgrad3x3_xla(x: jax.Array, dy: jax.Array) -> jax.Array:
-    """:func:`wgrad3x3` in XLA: the padding-1 correlation of ``x`` with ``dy`` over the batch and spatial
-    axes (what autodiff of the convolution in its kernel computes; written out, its result varies
-    over the same ``shard_map`` axes as the operands, like the custom call's)."""
-    return jax.lax.conv_general_dilated(x, dy, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("CHWN", "IHWO", "HWNC"))
+def wgrad3x3_xla(x: jax.Array, dy: jax.Array, stride: int = 1) -> jax.Array:
+    """:func:`wgrad3x3` in XLA: the padding-1 correlation of ``x`` with ``dy`` (dilated by the stride)
+    over the batch and spatial axes (what autodiff of the convolution in its kernel computes; written
+    out, its result varies over the same ``shard_map`` axes as the operands, like the custom call's)."""
+    high = [stride * (o - 1) + 2 - i for i, o in zip(x.shape[1:3], dy.shape[1:3])]
+    return jax.lax.conv_general_dilated(x, dy, (1, 1), ((1, high[0]), (1, high[1])), rhs_dilation=(stride, stride),
+                                        dimension_numbers=("CHWN", "IHWO", "HWNC"))
 
 
-@jax.custom_vjp
-def wgrad3x3(x: jax.Array, dy: jax.Array) -> jax.Array:
-    """The kernel gradient of a stride-1, padding-1 3x3 convolution: ``x [N, H, W, K]``, ``dy [N, H, W, C]``
-    -> ``[3, 3, K, C]``, ``sum over n, h, w of x[n, h + i - 1, w + j - 1]^T dy[n, h, w]``; float32, ``C`` a
-    multiple of :data:`WGRAD_MULTIPLE`, on CPU only."""
-    return _call("resattn_wgrad3x3", (3, 3, x.shape[-1], dy.shape[-1]), x, dy)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def wgrad3x3(x: jax.Array, dy: jax.Array, stride: int = 1) -> jax.Array:
+    """The kernel gradient of a padding-1 3x3 convolution with ``stride``: ``x [N, H, W, K]``,
+    ``dy [N, Ho, Wo, C]`` -> ``[3, 3, K, C]``, ``sum over n, h, w of x[n, s h + i - 1, s w + j - 1]^T
+    dy[n, h, w]``; float32, ``C`` a multiple of :data:`WGRAD_MULTIPLE`, on CPU only."""
+    return _call("resattn_wgrad3x3", (3, 3, x.shape[-1], dy.shape[-1]), x, dy, stride=np.int64(stride))
 
 
-wgrad3x3.defvjp(lambda x, dy: (wgrad3x3(x, dy), (x, dy)), lambda res, g: jax.vjp(wgrad3x3_xla, *res)[1](g))
+wgrad3x3.defvjp(lambda x, dy, stride: (wgrad3x3(x, dy, stride), (x, dy)),
+                lambda stride, res, g: jax.vjp(functools.partial(wgrad3x3_xla, stride=stride), *res)[1](g))
+
+
+# The soft mask's resampling (csrc/resample.cc), NHWC float32. Derivatives to any order: the pool
+# gradient is linear in ``grad`` (its transpose gathers at the first maxima, in XLA below), the
+# up-sampling and its gradient are each other's transposes.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def max_pool_grad(first: jax.Array, grad: jax.Array, geometry: tuple[int, int, int, int]) -> jax.Array:
+    """Gradient of a 3x3 / stride-2 max-pool: ``first`` (int8, ``3a + b`` of each window's first maximum)
+    and ``grad`` ``[N, Ho, Wo, C]`` -> ``[N, h, w, C]``, with ``geometry = (h, w, pad_h, pad_w)`` (input
+    size and top/left padding); output ``(i, j)``'s gradient goes to input ``(2i + a - pad_h, 2j + b - pad_w)``."""
+    h, w, pad_h, pad_w = geometry
+    return _call("resattn_max_pool_grad", (grad.shape[0], h, w, grad.shape[3]), first, grad, h=np.int64(h),
+                 w=np.int64(w), pad_h=np.int64(pad_h), pad_w=np.int64(pad_w))
+
+
+def _max_pool_grad_bwd(geometry, residuals, g):
+    first, _ = residuals                 # g: [N, h, w, C]; each output reads g at its first maximum
+    h, w, pad_h, pad_w = geometry
+    ho, wo = first.shape[1:3]
+    padded = jnp.pad(g, ((0, 0), (pad_h, 2 * ho + 1 - h - pad_h), (pad_w, 2 * wo + 1 - w - pad_w), (0, 0)))
+    out = jnp.zeros(first.shape, g.dtype)
+    for k in range(9):
+        a, b = divmod(k, 3)
+        out = jnp.where(first == k, padded[:, a:a + 2 * ho:2, b:b + 2 * wo:2], out)
+    return None, out
+
+
+max_pool_grad.defvjp(lambda first, grad, geometry: (max_pool_grad(first, grad, geometry), (first, grad)),
+                     _max_pool_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def upsample(x: jax.Array, sizes: tuple[int, int, int, int]) -> jax.Array:
+    """Bilinear up-sampling (align_corners=True) of ``x [N, h, w, C]`` to ``[N, ho, wo, C]``,
+    ``sizes = (h, w, ho, wo)``."""
+    ho, wo = sizes[2:]
+    return _call("resattn_upsample", (x.shape[0], ho, wo, x.shape[3]), x, ho=np.int64(ho), wo=np.int64(wo))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def upsample_grad(g: jax.Array, sizes: tuple[int, int, int, int]) -> jax.Array:
+    """The transpose of :func:`upsample` (its gradient): ``g [N, ho, wo, C]`` -> ``[N, h, w, C]``."""
+    h, w = sizes[:2]
+    return _call("resattn_upsample_grad", (g.shape[0], h, w, g.shape[3]), g, h=np.int64(h), w=np.int64(w))
+
+
+upsample.defvjp(lambda x, sizes: (upsample(x, sizes), None), lambda sizes, _, g: (upsample_grad(g, sizes),))
+upsample_grad.defvjp(lambda g, sizes: (upsample_grad(g, sizes), None), lambda sizes, _, x: (upsample(x, sizes),))
 
 
 # Batch norm's per-channel sums in one pass each (csrc/bn_sums.cc); reverse-mode derivatives are

@@ -1,7 +1,8 @@
 // Weight gradients of bias-free 1x1 and 3x3 (stride 1, padding 1) convolutions, NHWC, float32:
 //
 //   1x1:  dw[K, N]       = a[M, K]^T dy[M, N]                        (a: the layer's input rows)
-//   3x3:  dw[3, 3, K, N] = sum over n, h, w of x[n, h + kh - 1, w + kw - 1, :]^T dy[n, h, w, :]
+//   3x3:  dw[3, 3, K, N] = sum over n, h, w of x[n, s h + kh - 1, s w + kw - 1, :]^T dy[n, h, w, :]
+//         (padding 1, stride s)
 //
 // Both contract over the long batch-spatial axis into a small matrix, the shape general GEMM
 // libraries run worst: OpenBLAS packs both operands on every call (its copies took more time than
@@ -81,31 +82,36 @@ void SumOfPartials(ffi::ThreadPool& pool, int64_t pieces, int64_t size, float* o
 }
 
 ffi::Error Wgrad3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                    ffi::ResultBuffer<ffi::F32> out) {
+                    ffi::ResultBuffer<ffi::F32> out, int64_t stride) {
   const auto xd = x.dimensions(), gd = dy.dimensions();
-  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] || xd[2] != gd[2] || gd[3] % 16 != 0 ||
-      out->element_count() != 9 * xd[3] * gd[3])
+  if (stride < 1 || xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || gd[1] != (xd[1] - 1) / stride + 1 ||
+      gd[2] != (xd[2] - 1) / stride + 1 || gd[3] % 16 != 0 || out->element_count() != 9 * xd[3] * gd[3])
     return ffi::Error::InvalidArgument(
-        "resattn_wgrad3x3: expected x [N, H, W, K], dy [N, H, W, C] with C a multiple of 16, and a [3, 3, K, C] result");
-  const int64_t images = xd[0], height = xd[1], width = xd[2], k = xd[3], n = gd[3];
+        "resattn_wgrad3x3: expected x [N, H, W, K], dy [N, Ho, Wo, C] (padding 1, the given stride) with C a "
+        "multiple of 16, and a [3, 3, K, C] result");
+  const int64_t images = xd[0], height = xd[1], width = xd[2], k = xd[3];
+  const int64_t out_h = gd[1], out_w = gd[2], n = gd[3], s = stride;
   const float *px = x.typed_data(), *pg = dy.typed_data();
   const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(Threads(pool), images));
-  const int64_t chunk_rows = std::max<int64_t>(1, kChunkFloats / std::max<int64_t>(1, width * (k + n)));
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunkFloats / std::max<int64_t>(1, out_w * (s * s * k + n)));
   const Accumulate accumulate = Kernel();
+  // The first output index i whose input index s * i + offset is not negative.
+  auto first_valid = [s](int64_t offset) { return offset >= 0 ? 0 : (-offset + s - 1) / s; };
   SumOfPartials(pool, pieces, 9 * k * n, out->typed_data(), [=](int64_t piece, float* dw) {
     for (int64_t img = images * piece / pieces; img < images * (piece + 1) / pieces; ++img) {
-      for (int64_t h0 = 0; h0 < height; h0 += chunk_rows) {
-        const int64_t h1 = std::min(height, h0 + chunk_rows);
+      for (int64_t h0 = 0; h0 < out_h; h0 += chunk_rows) {
+        const int64_t h1 = std::min(out_h, h0 + chunk_rows);
         for (int64_t kh = 0; kh < 3; ++kh) {
-          // Output rows h whose input row h + kh - 1 exists.
-          const int64_t lo = std::max<int64_t>(h0, 1 - kh), hi = std::min<int64_t>(h1, height + 1 - kh);
+          // Output rows h whose input row s * h + kh - 1 lies in [0, height).
+          const int64_t lo = std::max(h0, first_valid(kh - 1));
+          const int64_t hi = std::min(h1, (height - kh + s) / s);
           if (hi <= lo) continue;
           for (int64_t kw = 0; kw < 3; ++kw) {
-            const int64_t w0 = kw == 0 ? 1 : 0, w1 = kw == 2 ? width - 1 : width;
+            const int64_t w0 = first_valid(kw - 1), w1 = std::min(out_w, (width - kw + s) / s);
             if (w1 <= w0) continue;
-            const float* a = px + (((img * height + lo + kh - 1) * width) + w0 + kw - 1) * k;
-            const float* b = pg + ((img * height + lo) * width + w0) * n;
-            accumulate(a, k, width * k, b, n, width * n, w1 - w0, hi - lo, k, n, dw + (kh * 3 + kw) * k * n);
+            const float* a = px + ((img * height + s * lo + kh - 1) * width + s * w0 + kw - 1) * k;
+            const float* b = pg + ((img * out_h + lo) * out_w + w0) * n;
+            accumulate(a, s * k, s * width * k, b, n, out_w * n, w1 - w0, hi - lo, k, n, dw + (kh * 3 + kw) * k * n);
           }
         }
       }
@@ -148,4 +154,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResattnWgrad3x3, Wgrad3x3,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride"));
