@@ -101,9 +101,9 @@ class SoftMaskBranch(nn.Module):
                     y = self.unit(c, name=f"up{level}_{i}")(y)
         conv1 = self.conv(c, 1, name="head_conv1")
         conv2 = self.conv(c, 1, name="head_conv2")
-        if self.preactivation:
-            y = conv1(norm_relu(self.norm, "head_bn1")(y))
-            y = conv2(norm_relu(self.norm, "head_bn2")(y))
+        if self.preactivation:  # each BN-ReLU folded into the 1x1 convolution that reads it
+            y = conv1(norm_relu(self.norm, "head_bn1", fold=True)(y))
+            y = conv2(norm_relu(self.norm, "head_bn2", fold=True)(y))
         else:
             y = conv2(norm_relu(self.norm, "head_bn1")(conv1(y)))
         return y

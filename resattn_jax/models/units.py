@@ -4,7 +4,9 @@ Every unit maps ``[N, H, W, C_in] -> [N, ceil(H/s), ceil(W/s), features]`` and r
 as ``ModuleDef`` fields, as in Flax's ImageNet example: ``norm`` (a ``functools.partial`` of
 :class:`resattn_jax.ops.BatchNorm` with the train/eval mode, momentum 0.9, epsilon 1e-5 and dtypes
 bound; any norm layer works, e.g. ``nn.BatchNorm``) and ``conv`` (:func:`resattn_jax.ops.conv` with
-the dtypes bound). The network makes both choices once, at the top; units carry no config plumbing.
+the dtypes bound). The network makes both choices once, at the top; units carry no config plumbing. The 1x1 layers
+of ``conv`` take a :class:`resattn_jax.ops.Folded` batch norm as input and a ``residual`` to add
+(as :func:`resattn_jax.ops.conv`'s do).
 
 * :class:`PreActBottleneck` — the pre-activation bottleneck of He et al. (2016), used by
   Attention-56/92 and the CIFAR networks (docs/paper-facts.md §1).
@@ -76,14 +78,15 @@ class PreActBottleneck(_Unit):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         bottleneck = self.features // 4
-        pre = norm_relu(self.norm, "bn1")(x)
+        # BN-ReLU before a 1x1 convolution is folded into it (ops.Folded: applied as the convolution
+        # reads its input), and the shortcut is added by conv3 as it writes its output.
+        pre = norm_relu(self.norm, "bn1", fold=True)(x)
         y = self._conv(bottleneck, 1, name="conv1")(pre)
         y = norm_relu(self.norm, "bn2")(y)
         y = self._conv(bottleneck, 3, self.strides, name="conv2")(y)
-        y = norm_relu(self.norm, "bn3")(y)
-        y = self._last_conv(self.features, "conv3")(y)
+        y = norm_relu(self.norm, "bn3", fold=True)(y)
         shortcut = self._conv(self.features, 1, self.strides, name="projection")(pre) if self._needs_projection(x) else x
-        return y + shortcut
+        return self._last_conv(self.features, "conv3")(y, residual=shortcut)  # conv3(y) + shortcut
 
 
 class ResNeXtBottleneck(_Unit):

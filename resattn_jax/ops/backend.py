@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from resattn_jax.ops.cpu import custom_calls, host, winograd
 
 __all__ = ["STEP_KINDS", "batched_products", "bn_grad_sums", "bn_sums", "compiler_options", "conv3x3_forward",
-           "conv3x3_weight_gradient", "cpu_only_run", "max_pool_grad", "native_available", "portable",
+           "conv1x1_normalized", "conv3x3_weight_gradient", "cpu_only_run", "max_pool_grad", "native_available", "portable",
            "tune_host_memory", "upsample_bilinear", "weight_gradient"]
 
 STEP_KINDS = ("train", "eval")
@@ -126,6 +126,18 @@ def bn_grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
     ``dy, x [M, C]``, ``mean, mul, bias [C]`` -> ``[2, C]``; one pass on CPU in float32, else XLA's."""
     return _native(functools.partial(custom_calls.bn_grad_sums, relu=relu),
                    functools.partial(custom_calls.bn_grad_sums_xla, relu=relu), dy, x, mean, mul, bias)
+
+
+def conv1x1_normalized(x, center, mul, bias, kernel, residual, relu: bool, xla: Callable) -> jax.Array:
+    """``relu?((x - center) * mul + bias) @ kernel (+ residual)`` over rows ``x [M, K]`` (a batch norm
+    and the 1x1 convolution that reads it): on CPU in float32 with ``K`` and ``N`` multiples of 16 one
+    fused pass each way (:func:`.cpu.custom_calls.fused_conv1x1`: the normalised rows never reach
+    memory), else ``xla(x, center, mul, bias, kernel, residual)``."""
+    operands = (x, center, mul, bias, kernel) + (() if residual is None else (residual,))
+    when = (all(v.dtype == jnp.float32 for v in operands) and x.shape[1] % custom_calls.WGRAD_MULTIPLE == 0
+            and kernel.shape[1] % custom_calls.WGRAD_MULTIPLE == 0 and native_available())
+    native = functools.partial(custom_calls.fused_conv1x1, relu=relu)
+    return _on_cpu(native, xla, x, center, mul, bias, kernel, residual, when=when)
 
 
 def max_pool_grad(first: jax.Array, grad: jax.Array, geometry: tuple[int, int, int, int],

@@ -36,10 +36,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 
 from resattn_jax.ops import backend
 
-__all__ = ["BatchNorm", "batch_norm_train", "norm_relu"]
+__all__ = ["BatchNorm", "Folded", "batch_moments", "batch_norm_train", "norm_relu"]
 
 Dtype = Any
 
@@ -136,6 +137,60 @@ def _batch_norm_bwd(epsilon, relu, axis_name, dtype, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
+@jax.custom_vjp
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 ``(mean, var)`` per channel over all but the last axis of ``x`` (the shifted sums of
+    :func:`_statistics`), with the exact derivative ``dx = (dmean + 2 dvar (x - mean)) / M`` (autodiff
+    of the shifted sums would add a reduction for the shift, whose true derivative is zero)."""
+    return _statistics(x, tuple(range(x.ndim - 1)), None)
+
+
+def _batch_moments_fwd(x):
+    mean, var = batch_moments(x)
+    return (mean, var), (x, mean)
+
+
+def _batch_moments_bwd(residuals, cotangents):
+    x, mean = residuals
+    dmean, dvar = cotangents
+    count = _count(x, tuple(range(x.ndim - 1)), None)
+    return (((dmean + 2.0 * dvar * (x.astype(jnp.float32) - mean)) / count).astype(x.dtype),)
+
+
+batch_moments.defvjp(_batch_moments_fwd, _batch_moments_bwd)
+
+
+@struct.dataclass
+class Folded:
+    """A batch norm (+ ReLU) not yet applied to ``x``: the array ``relu?((x - center) * mul + bias)`` in
+    ``dtype`` (``center, mul, bias``: float32 ``[C]``), as :class:`BatchNorm` returns it with ``fold=True``.
+
+    The 1x1 convolutions of :mod:`resattn_jax.ops.conv` take it as input and apply the map while they
+    read ``x`` (one fused pass on CPU, where the normalised activation never reaches memory); anything
+    else calls :meth:`materialize`. Shapes as ``x``'s (``[..., C]``).
+    """
+
+    x: jax.Array
+    center: jax.Array
+    mul: jax.Array
+    bias: jax.Array
+    relu: bool = struct.field(pytree_node=False)
+    dtype: Any = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.x.shape
+
+    def materialize(self) -> jax.Array:
+        """The normalised array, ``relu?((x - center) * mul + bias)`` in ``dtype``."""
+        z = (self.x.astype(jnp.float32) - self.center) * self.mul + self.bias
+        return (jnp.maximum(z, 0.0) if self.relu else z).astype(self.dtype)
+
+    def subsample(self, stride: int) -> "Folded":
+        """Pixels ``0, s, 2s, ...`` of ``x [N, H, W, C]`` along both spatial axes (the map is per channel)."""
+        return self.replace(x=self.x[:, ::stride, ::stride, :]) if stride > 1 else self
+
+
 class BatchNorm(nn.Module):
     """Batch norm over the last (channel) axis, ``[..., C] -> [..., C]``; see the module docstring.
 
@@ -156,7 +211,10 @@ class BatchNorm(nn.Module):
     scale_init: Any = nn.initializers.ones
 
     @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, fold: bool = False):
+        """``[..., C] -> [..., C]``; with ``fold=True`` a :class:`Folded` (the same function, not yet
+        applied; the running statistics are updated as usual) for the 1x1 convolution that reads it,
+        except in per-device steps (``axis_name``), which get the array."""
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         features = x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
@@ -164,6 +222,16 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale, bias)
+        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+        if fold and use_running_average:
+            return Folded(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon) * f32(scale), f32(bias),
+                          self.relu, dtype)
+        if fold and self.axis_name is None:
+            mean, var = batch_moments(x)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
+            return Folded(x, mean, jax.lax.rsqrt(var + self.epsilon) * f32(scale), f32(bias), self.relu, dtype)
         if use_running_average:
             mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
             y = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
@@ -177,12 +245,16 @@ class BatchNorm(nn.Module):
         return y
 
 
-def norm_relu(norm: Any, name: str):
+def norm_relu(norm: Any, name: str, fold: bool = False):
     """The layer ``x -> relu(norm(x))`` named ``name``: :class:`BatchNorm` with ``relu=True`` (fused)
     where ``norm`` (a module class or ``functools.partial`` of one) takes a ``relu`` field, else
-    ``norm`` followed by ``nn.relu`` (e.g. ``flax.linen.BatchNorm``). Call it inside ``nn.compact``."""
+    ``norm`` followed by ``nn.relu`` (e.g. ``flax.linen.BatchNorm``). Call it inside ``nn.compact``.
+
+    ``fold=True``: for input to 1x1 convolutions only, :class:`BatchNorm` returns a :class:`Folded`
+    (applied as the convolution reads ``x``); other norms give the array as without it."""
     cls = norm.func if isinstance(norm, functools.partial) else norm
     if "relu" in getattr(cls, "__dataclass_fields__", {}):
-        return norm(name=name, relu=True)
+        layer = norm(name=name, relu=True)
+        return functools.partial(layer, fold=True) if fold else layer
     layer = norm(name=name)
     return lambda x: nn.relu(layer(x))

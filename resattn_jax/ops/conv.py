@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from resattn_jax.ops import backend
+from resattn_jax.ops.batchnorm import Folded
 from resattn_jax.ops.varying import sum_like
 
 __all__ = ["Conv1x1", "Conv3x3", "conv", "conv3x3", "conv3x3_direct", "conv3x3_strided", "conv_init"]
@@ -55,12 +56,24 @@ def _matmul_bwd(residuals, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def _conv1x1_xla(x, center, mul, bias, kernel, residual, relu: bool, dtype):
+    """XLA's formula of :func:`resattn_jax.ops.backend.conv1x1_normalized`: the normalised rows, then
+    the product."""
+    z = (x.astype(jnp.float32) - center) * mul + bias
+    rows = (jnp.maximum(z, 0.0) if relu else z).astype(dtype)
+    y = _matmul(*nn.dtypes.promote_dtype(rows, kernel, dtype=dtype))
+    return y if residual is None else y + residual
+
+
 class Conv1x1(nn.Module):
     """Bias-free 1x1 convolution with stride, as a matrix product over the channel axis.
 
     ``[N, H, W, C_in] -> [N, ceil(H/s), ceil(W/s), features]``. A stride-``s`` 1x1 convolution
     without padding reads pixels ``0, s, 2s, ...`` exactly like Caffe's, so it is a strided slice
-    followed by a ``dot_general``.
+    followed by a ``dot_general``. The input may be a :class:`resattn_jax.ops.Folded` batch norm
+    (+ ReLU), applied as the rows are read (:func:`resattn_jax.ops.backend.conv1x1_normalized`: one
+    fused pass on CPU), and ``residual`` (``[N, ceil(H/s), ceil(W/s), features]``) is added to the
+    output (in the same pass there).
     """
 
     features: int
@@ -70,8 +83,18 @@ class Conv1x1(nn.Module):
     kernel_init: Any = conv_init
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array | Folded, residual: jax.Array | None = None) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+        if isinstance(x, Folded):
+            folded = x.subsample(self.strides)
+            dtype = self.dtype if self.dtype is not None else jnp.result_type(folded.dtype, kernel.dtype)
+            shape = (*folded.x.shape[:-1], self.features)
+            rows = folded.x.reshape(-1, folded.x.shape[-1])
+            res = None if residual is None else residual.reshape(-1, self.features)
+            xla = functools.partial(_conv1x1_xla, relu=folded.relu, dtype=dtype)
+            y = backend.conv1x1_normalized(rows, folded.center, folded.mul, folded.bias, kernel[0, 0].astype(dtype),
+                                           res, folded.relu, xla)
+            return y.reshape(shape)
         if self.strides > 1:
             x = x[:, :: self.strides, :: self.strides, :]
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
@@ -79,8 +102,8 @@ class Conv1x1(nn.Module):
         # batch and spatial axes flattened, XLA runs the weight gradient ``x^T dy`` as one matrix
         # product instead of canonicalising three contracting axes through a transposed copy.
         rows = x.reshape(-1, x.shape[-1])
-        y = _matmul(rows, kernel[0, 0])
-        return y.reshape(*x.shape[:-1], self.features)
+        y = _matmul(rows, kernel[0, 0]).reshape(*x.shape[:-1], self.features)
+        return y if residual is None else y + residual
 
 
 def conv3x3_direct(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -45,12 +45,14 @@ import numpy as np
 from resattn_jax.ops.varying import sum_like, varying_axes
 
 __all__ = ["TARGETS", "load", "native_library", "verify_native", "matmul_tn", "batched_matmul", "bn_sums",
-           "bn_grad_sums", "bn_sums_xla", "bn_grad_sums_xla", "wgrad3x3", "wgrad3x3_xla", "WGRAD_MULTIPLE", "max_pool_grad", "upsample", "upsample_grad"]
+           "bn_grad_sums", "bn_sums_xla", "bn_grad_sums_xla", "wgrad3x3", "wgrad3x3_xla", "WGRAD_MULTIPLE", "max_pool_grad", "upsample", "upsample_grad",
+           "conv1x1", "conv1x1_grad", "conv1x1_grad_xla", "fused_conv1x1"]
 
 _TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul",
             "resattn_bn_sums": "ResattnBnSums", "resattn_bn_grad_sums": "ResattnBnGradSums",
             "resattn_wgrad3x3": "ResattnWgrad3x3", "resattn_max_pool_grad": "ResattnMaxPoolGrad",
-            "resattn_upsample": "ResattnUpsample", "resattn_upsample_grad": "ResattnUpsampleGrad"}
+            "resattn_upsample": "ResattnUpsample", "resattn_upsample_grad": "ResattnUpsampleGrad",
+            "resattn_conv1x1": "ResattnConv1x1", "resattn_conv1x1_grad": "ResattnConv1x1Grad"}
 #: The custom-call targets this module registers (tests look for them in lowered programs).
 TARGETS = tuple(_TARGETS)
 
@@ -126,12 +128,16 @@ def load() -> bool:
     return True
 
 
-def _call(target: str, shape: tuple[int, ...], *operands, **attributes) -> jax.Array:
+def _call(target: str, shape, *operands, **attributes):
+    """The float32 result of shape ``shape`` (a tuple of ints, or a list of them for several results)."""
+    many = isinstance(shape, list)
+    results = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shape] if many else jax.ShapeDtypeStruct(shape, jnp.float32)
     # Under jax.vmap (e.g. a vmapped per-device step) each mapped slice is its own call.
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
-        *operands, **attributes)
+    out = jax.ffi.ffi_call(target, results, vmap_method="sequential")(*operands, **attributes)
     axes = varying_axes(*operands)
-    return jax.lax.pcast(out, axes, to="varying") if axes else out
+    if not axes:
+        return out
+    return [jax.lax.pcast(o, axes, to="varying") for o in out] if many else jax.lax.pcast(out, axes, to="varying")
 
 
 # The custom calls are differentiable in reverse mode (to any order): their VJPs are XLA products.
@@ -234,6 +240,63 @@ def upsample_grad(g: jax.Array, sizes: tuple[int, int, int, int]) -> jax.Array:
 
 upsample.defvjp(lambda x, sizes: (upsample(x, sizes), None), lambda sizes, _, g: (upsample_grad(g, sizes),))
 upsample_grad.defvjp(lambda g, sizes: (upsample_grad(g, sizes), None), lambda sizes, _, x: (upsample(x, sizes),))
+
+
+# A batch norm (+ ReLU) fused into the 1x1 convolution that reads it (csrc/conv1x1.cc), differentiable
+# to any order: the gradient is the second custom call, whose own derivatives are XLA's.
+def conv1x1(x, center, mul, bias, w, residual, relu: bool) -> jax.Array:
+    """``relu?((x - center) * mul + bias) @ w (+ residual)``: ``x [M, K]``, ``center, mul, bias [K]``,
+    ``w [K, N]``, ``residual [M, N]`` or None; ``K`` and ``N`` multiples of 16; float32, CPU only."""
+    if residual is None:
+        residual = jnp.zeros((0, w.shape[1]), jnp.float32)
+    return _call("resattn_conv1x1", (x.shape[0], w.shape[1]), x, center, mul, bias, w, residual, relu=bool(relu))
+
+
+def conv1x1_grad_xla(x, center, mul, bias, w, dy, relu: bool):
+    """:func:`conv1x1_grad` in XLA."""
+    a = (x - center) * mul + bias
+    dz = dy @ w.T
+    if relu:
+        a = jnp.maximum(a, 0.0)
+        dz = jnp.where(a > 0, dz, 0.0)
+    return dz, jnp.stack([jnp.sum(dz, 0), jnp.sum(dz * (x - center), 0)]), a.T @ dy
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def conv1x1_grad(x, center, mul, bias, w, dy, relu: bool):
+    """``(dz [M, K], sums [2, K], dw [K, N])`` for :func:`conv1x1`'s cotangent ``dy [M, N]``: with
+    ``a = relu?((x - center) * mul + bias)``, ``dz = (dy @ w^T) * [a > 0]`` (ReLU) or ``dy @ w^T``,
+    ``sums = (sum dz, sum dz * (x - center))`` over rows and ``dw = a^T dy``."""
+    k, n = w.shape
+    return tuple(_call("resattn_conv1x1_grad", [(x.shape[0], k), (2, k), (k, n)], x, center, mul, bias, w, dy,
+                       relu=bool(relu)))
+
+
+conv1x1_grad.defvjp(lambda *args: (conv1x1_grad(*args), args[:6]),
+                    lambda relu, primals, g: jax.vjp(lambda *p: conv1x1_grad_xla(*p, relu), *primals)[1](g))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def fused_conv1x1(x, center, mul, bias, w, residual, relu: bool) -> jax.Array:
+    """:func:`conv1x1` with its derivatives: ``dx = dz * mul``, ``dbias = sum dz``, ``dmul = sum dz (x -
+    center)``, ``dcenter = -mul sum dz``, ``dw`` (summed over ``shard_map`` devices for replicated
+    operands) and the residual's cotangent, from one :func:`conv1x1_grad`."""
+    return conv1x1(x, center, mul, bias, w, residual, relu)
+
+
+def _fused_conv1x1_fwd(x, center, mul, bias, w, residual, relu):
+    return fused_conv1x1(x, center, mul, bias, w, residual, relu), (x, center, mul, bias, w,
+                                                                    None if residual is None else ())
+
+
+def _fused_conv1x1_bwd(relu, res, g):
+    x, center, mul, bias, w, had_residual = res
+    dz, sums, dw = conv1x1_grad(x, center, mul, bias, w, g, relu)
+    return (dz * mul, sum_like(-mul * sums[0], center), sum_like(sums[1], mul), sum_like(sums[0], bias),
+            sum_like(dw, w), None if had_residual is None else g)
+
+
+fused_conv1x1.defvjp(_fused_conv1x1_fwd, _fused_conv1x1_bwd)
 
 
 # Batch norm's per-channel sums in one pass each (csrc/bn_sums.cc); reverse-mode derivatives are
