@@ -138,6 +138,46 @@ def test_inside_shard_map_with_a_replicated_operand():
     np.testing.assert_allclose(g, g_whole, rtol=1e-5, atol=1e-4)
 
 
+def _conv1x1_operands(seed, m, k, n):
+    x, c, mul, b = _normal(seed, m, k), 0.1 * _normal(seed + 1, k), 1 + 0.2 * _normal(seed + 2, k), _normal(seed + 3, k)
+    return x, c, mul, 0.1 * b, _normal(seed + 4, k, n) / k ** 0.5, _normal(seed + 5, m, n)
+
+
+def _conv1x1_xla(x, c, mul, b, w, r, relu):
+    z = (x - c) * mul + b
+    y = (jnp.maximum(z, 0.0) if relu else z) @ w
+    return y if r is None else y + r
+
+
+# Rows: fewer than a chunk, several chunks and pieces, one; 16 to 64 channels either way.
+@pytest.mark.parametrize("m,k,n", [(37, 16, 32), (3000, 64, 16), (1, 32, 48), (700, 48, 64)])
+@pytest.mark.parametrize("relu,residual", [(True, True), (False, False)])
+def test_fused_conv1x1_and_its_gradient_equal_xla(m, k, n, relu, residual):
+    x, c, mul, b, w, r = _conv1x1_operands(27, m, k, n)
+    r = r if residual else None
+    np.testing.assert_allclose(jax.jit(cpu_blas.fused_conv1x1, static_argnums=6)(x, c, mul, b, w, r, relu),
+                               _conv1x1_xla(x, c, mul, b, w, r, relu), rtol=1e-5, atol=1e-4)
+    dy = _normal(33, m, n)
+    got = jax.jit(cpu_blas.conv1x1_grad, static_argnums=6)(x, c, mul, b, w, dy, relu)
+    want = cpu_blas.conv1x1_grad_xla(x, c, mul, b, w, dy, relu)
+    for g, h in zip(got, want):  # (a borderline z flips its ReLU mask in one rounding and not the other: none here)
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-3)
+    loss = lambda f: lambda *v: jnp.sum(jnp.sin(f(*v, r, relu)))  # noqa: E731
+    ours = jax.jit(jax.grad(loss(cpu_blas.fused_conv1x1), (0, 1, 2, 3, 4)))(x, c, mul, b, w)
+    ref = jax.grad(loss(_conv1x1_xla), (0, 1, 2, 3, 4))(x, c, mul, b, w)
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-3), ours, ref)
+
+
+def test_fused_conv1x1_second_order_gradient():
+    x, c, mul, b, w, r = _conv1x1_operands(40, 50, 16, 16)
+    def grad_norm(f):
+        g = jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, c, mul, b, w, r, True))), (0, 1))
+        return lambda x, w: jnp.sum(jnp.square(g(x, w)[0])) + jnp.sum(jnp.square(g(x, w)[1]))
+    ours = jax.jit(jax.grad(grad_norm(cpu_blas.fused_conv1x1), (0, 1)))(x, w)
+    ref = jax.grad(grad_norm(_conv1x1_xla), (0, 1))(x, w)
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-3), ours, ref)
+
+
 def test_conv3x3_kernel_gradient_inside_shard_map():
     """Per-device images, a replicated kernel: the kernel's cotangent (the wgrad kernel's, summed over
     the devices) is the gradient over the whole batch."""
