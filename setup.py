@@ -99,7 +99,7 @@ class BuildNative(build_ext):
 setup(
     ext_modules=[Extension(
         "resattn_jax.ops.cpu._native",
-        sources=[f"{CSRC}/cpu_blas.cc", f"{CSRC}/bn_sums.cc", f"{CSRC}/wgrad.cc", f"{CSRC}/resample.cc", f"{CSRC}/conv1x1.cc"],
+        sources=[f"{CSRC}/cpu_blas.cc", f"{CSRC}/bn_sums.cc", f"{CSRC}/wgrad.cc", f"{CSRC}/resample.cc", f"{CSRC}/conv1x1.cc", f"{CSRC}/conv3x3.cc"],
         depends=[f"{CSRC}/parallel_for.h", f"{CSRC}/wgrad.h", f"{CSRC}/wgrad_kernels.inc"],
         # The flags the custom calls were measured with (docs/benchmarks.md): Python's own CFLAGS,
         # which setuptools puts first, add -fwrapv (signed overflow defined, fewer loop

@@ -36,9 +36,9 @@ def test_custom_calls_are_built_and_loaded_here():
     assert backend.native_available()
 
 
-# The wgrad kernel takes N % 16 == 0 (K > N with K % 16 == 0 computes the transpose); the rest OpenBLAS.
+# The wgrad kernel takes N % 8 == 0 (K > N with K % 16 == 0 computes the transpose); the rest OpenBLAS.
 @pytest.mark.parametrize("m,k,n", [(37, 5, 11), (64, 48, 16), (300, 7, 129), (1, 3, 2), (1000, 64, 16),
-                                   (700, 16, 48), (2000, 100, 32), (255, 25, 64), (513, 32, 160), (3, 1, 16)])
+                                   (700, 16, 48), (2000, 100, 32), (255, 25, 64), (513, 32, 160), (3, 1, 16), (900, 8, 8), (64, 32, 24)])
 def test_matmul_tn_equals_xla(m, k, n):
     a, b = _normal(0, m, k), _normal(1, m, n)
     out = jax.jit(cpu_blas.matmul_tn)(a, b)
@@ -48,7 +48,8 @@ def test_matmul_tn_equals_xla(m, k, n):
 # Every tap's boundary (H or W of 1 and 2), input channels that are no block multiple, 16 to 64
 # output channels (one to four vectors per block), several images per thread.
 @pytest.mark.parametrize("shape,c_out", [((3, 5, 1, 7), 16), ((2, 1, 1, 3), 32), ((5, 2, 9, 20), 48),
-                                         ((4, 8, 8, 16), 64), ((1, 3, 4, 30), 16), ((9, 6, 7, 13), 32)])
+                                         ((4, 8, 8, 16), 64), ((1, 3, 4, 30), 16), ((9, 6, 7, 13), 32),
+                                         ((4, 6, 6, 8), 8), ((2, 5, 5, 3), 24)])
 def test_wgrad3x3_equals_xla(shape, c_out):
     x, dy = _normal(19, *shape), _normal(20, *shape[:-1], c_out)
     out = jax.jit(cpu_blas.wgrad3x3)(x, dy)
@@ -63,7 +64,7 @@ def test_wgrad3x3_differentiates_like_xla():
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-4), ours, ref)
 
 
-@pytest.mark.parametrize("c_out,dtype,native", [(16, jnp.float32, True), (24, jnp.float32, False),
+@pytest.mark.parametrize("c_out,dtype,native", [(16, jnp.float32, True), (8, jnp.float32, True), (12, jnp.float32, False),
                                                 (16, jnp.bfloat16, False)])
 def test_conv3x3_weight_gradient_takes_the_kernel_where_it_applies(c_out, dtype, native):
     x, dy = _normal(23, 2, 4, 4, 8).astype(dtype), _normal(24, 2, 4, 4, c_out).astype(dtype)
@@ -150,7 +151,7 @@ def _conv1x1_xla(x, c, mul, b, w, r, relu):
 
 
 # Rows: fewer than a chunk, several chunks and pieces, one; 16 to 64 channels either way.
-@pytest.mark.parametrize("m,k,n", [(37, 16, 32), (3000, 64, 16), (1, 32, 48), (700, 48, 64)])
+@pytest.mark.parametrize("m,k,n", [(37, 16, 32), (3000, 64, 16), (1, 32, 48), (700, 48, 64), (500, 8, 32), (90, 32, 8)])
 @pytest.mark.parametrize("relu,residual", [(True, True), (False, False)])
 def test_fused_conv1x1_and_its_gradient_equal_xla(m, k, n, relu, residual):
     x, c, mul, b, w, r = _conv1x1_operands(27, m, k, n)

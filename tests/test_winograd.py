@@ -137,3 +137,53 @@ def test_strided_module_equals_nn_conv_with_gradients(shape):
     got = jax.jit(jax.grad(loss(ours), (0, 1)))(variables, x)
     want = jax.grad(loss(theirs), (0, 1))(variables, x)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5), got, want)
+
+
+# Fewer than 64 input channels and output channels a multiple of 8: the direct kernel on CPU.
+@pytest.mark.parametrize("shape,out_channels", [((3, 8, 8, 16), 16), ((2, 5, 7, 3), 8), ((1, 1, 1, 4), 32),
+                                                ((2, 6, 9, 20), 48), ((2, 4, 3, 8), 24)])
+def test_direct_kernel_values_and_gradients_to_second_order(shape, out_channels):
+    x, w = _operands(shape, out_channels, seed=5)
+    assert "resattn_conv3x3" in jax.jit(conv3x3).lower(x, w).as_text()
+    assert _rel_err(jax.jit(conv3x3)(x, w), conv3x3_direct(x, w)) < 1e-5
+
+    def grad_norm(conv):
+        g = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), (0, 1))
+        return lambda x, w: sum(jnp.sum(jnp.square(t)) for t in g(x, w))
+
+    got = jax.jit(jax.grad(grad_norm(conv3x3), (0, 1)))(x, w)
+    want = jax.grad(grad_norm(conv3x3_direct), (0, 1))(x, w)
+    for a, b in zip(got, want):
+        assert _rel_err(a, b) < 1e-4
+
+
+def test_direct_kernel_only_where_it_applies():
+    for shape, out_channels, dtype in [((2, 8, 8, 64), 16, jnp.float32), ((2, 8, 8, 16), 12, jnp.float32),
+                                       ((2, 8, 8, 16), 16, jnp.bfloat16)]:
+        x, w = _operands(shape, out_channels)
+        assert "resattn_conv3x3" not in jax.jit(conv3x3).lower(x.astype(dtype), w.astype(dtype)).as_text()
+
+
+def test_running_statistics_are_normalised_by_the_kernel():
+    """A batch norm on stored statistics folded into a 3x3 layer: normalised as the kernel pads its
+    input, the same as normalising first."""
+    from flax import linen as nn
+
+    from resattn_jax.ops import BatchNorm
+
+    class Folded(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Conv3x3(16, name="conv")(BatchNorm(use_running_average=True, relu=True, name="bn")(x, fold=True))
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Conv3x3(16, name="conv")(BatchNorm(use_running_average=True, relu=True, name="bn")(x))
+
+    x, _ = _operands((2, 6, 7, 16), 16, seed=6)
+    variables = Plain().init(jax.random.key(0), x)
+    variables = {"params": variables["params"], "batch_stats": {"bn": {"mean": 0.3 * x.mean((0, 1, 2)),
+                                                                       "var": 0.5 + x.var((0, 1, 2))}}}
+    assert "resattn_conv3x3" in jax.jit(Folded().apply).lower(variables, x).as_text()
+    assert _rel_err(jax.jit(Folded().apply)(variables, x), Plain().apply(variables, x)) < 1e-5

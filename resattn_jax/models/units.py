@@ -78,11 +78,11 @@ class PreActBottleneck(_Unit):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         bottleneck = self.features // 4
-        # BN-ReLU before a 1x1 convolution is folded into it (ops.Folded: applied as the convolution
+        # Each BN-ReLU is folded into the convolution after it (ops.Folded: applied as the convolution
         # reads its input), and the shortcut is added by conv3 as it writes its output.
         pre = norm_relu(self.norm, "bn1", fold=True)(x)
         y = self._conv(bottleneck, 1, name="conv1")(pre)
-        y = norm_relu(self.norm, "bn2")(y)
+        y = norm_relu(self.norm, "bn2", fold=True)(y)
         y = self._conv(bottleneck, 3, self.strides, name="conv2")(y)
         y = norm_relu(self.norm, "bn3", fold=True)(y)
         shortcut = self._conv(self.features, 1, self.strides, name="projection")(pre) if self._needs_projection(x) else x

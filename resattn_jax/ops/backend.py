@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from resattn_jax.ops.cpu import custom_calls, host, winograd
 
 __all__ = ["STEP_KINDS", "batched_products", "bn_grad_sums", "bn_sums", "compiler_options", "conv3x3_forward",
-           "conv1x1_normalized", "conv3x3_weight_gradient", "cpu_only_run", "max_pool_grad", "native_available", "portable",
+           "conv1x1_normalized", "conv3x3_normalized", "conv3x3_weight_gradient", "cpu_only_run", "max_pool_grad", "native_available", "portable",
            "tune_host_memory", "upsample_bilinear", "weight_gradient"]
 
 STEP_KINDS = ("train", "eval")
@@ -102,7 +102,7 @@ def weight_gradient(rows: jax.Array, dy: jax.Array) -> jax.Array:
 def conv3x3_weight_gradient(x: jax.Array, dy: jax.Array, stride: int = 1) -> jax.Array:
     """The kernel gradient of a padding-1 3x3 convolution with ``stride``, ``x [N, H, W, C_in]``,
     ``dy [N, Ho, Wo, C_out]`` -> ``[3, 3, C_in, C_out]``: this package's kernel on CPU in float32 where
-    ``C_out`` is a multiple of 16 (XLA:CPU transposes both operands first), else XLA's."""
+    ``C_out`` is a multiple of 8 (XLA:CPU transposes both operands first), else XLA's."""
     xla = functools.partial(custom_calls.wgrad3x3_xla, stride=stride)
     if dy.shape[-1] % custom_calls.WGRAD_MULTIPLE:
         return xla(x, dy)
@@ -130,7 +130,7 @@ def bn_grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
 
 def conv1x1_normalized(x, center, mul, bias, kernel, residual, relu: bool, xla: Callable) -> jax.Array:
     """``relu?((x - center) * mul + bias) @ kernel (+ residual)`` over rows ``x [M, K]`` (a batch norm
-    and the 1x1 convolution that reads it): on CPU in float32 with ``K`` and ``N`` multiples of 16 one
+    and the 1x1 convolution that reads it): on CPU in float32 with ``K`` and ``N`` multiples of 8 one
     fused pass each way (:func:`.cpu.custom_calls.fused_conv1x1`: the normalised rows never reach
     memory), else ``xla(x, center, mul, bias, kernel, residual)``."""
     operands = (x, center, mul, bias, kernel) + (() if residual is None else (residual,))
@@ -158,12 +158,35 @@ def upsample_bilinear(x: jax.Array, size: tuple[int, int], xla: Callable[[jax.Ar
     return _on_cpu(native, xla, x, when=x.dtype == jnp.float32 and native_available())
 
 
+#: Input channels below which the direct 3x3 kernel runs instead of XLA:CPU's convolution (where
+#: Winograd does not apply; docs/benchmarks.md).
+DIRECT_3X3_MAX_CHANNELS = 64
+
+
+def _direct_3x3_native(x: jax.Array, kernel: jax.Array) -> bool:
+    return (x.shape[-1] < DIRECT_3X3_MAX_CHANNELS and kernel.shape[-1] % custom_calls.CONV3X3_MULTIPLE == 0
+            and x.dtype == kernel.dtype == jnp.float32 and native_available())
+
+
 def conv3x3_forward(x: jax.Array, kernel: jax.Array, direct: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
-    """A stride-1, padding-1 3x3 convolution: Winograd on CPU in float32 where
-    :func:`.cpu.winograd.tile_size` says it pays, else ``direct(x, kernel)`` (XLA's convolution)."""
+    """A stride-1, padding-1 3x3 convolution: on CPU in float32 Winograd where
+    :func:`.cpu.winograd.tile_size` says it pays, else this package's direct kernel for fewer than
+    :data:`DIRECT_3X3_MAX_CHANNELS` input channels (XLA's runs an im2col copy and a packed GEMM), else
+    ``direct(x, kernel)`` (XLA's convolution)."""
     m = winograd.tile_size(*x.shape, x.dtype)
-    fast = functools.partial(winograd.conv3x3_winograd, m=m, product=batched_products)
-    return _on_cpu(fast, direct, x, kernel, when=m > 0 and kernel.dtype == x.dtype and _cpu_paths())
+    if m > 0:
+        fast = functools.partial(winograd.conv3x3_winograd, m=m, product=batched_products)
+        return _on_cpu(fast, direct, x, kernel, when=kernel.dtype == x.dtype and _cpu_paths())
+    return _on_cpu(custom_calls.conv3x3, direct, x, kernel, when=_direct_3x3_native(x, kernel))
+
+
+def conv3x3_normalized(x: jax.Array, center, mul, bias, kernel: jax.Array, relu: bool, xla: Callable) -> jax.Array:
+    """A stride-1, padding-1 3x3 convolution of ``relu?((x - center) * mul + bias)`` (a batch norm on
+    stored statistics): the direct kernel reading the normalised input on the fly on CPU in float32
+    where it applies (as :func:`conv3x3_forward`), else ``xla(x, center, mul, bias, kernel)``."""
+    native = functools.partial(lambda x, c, m, b, k: custom_calls.conv3x3(x, k, c, m, b, relu))
+    when = _direct_3x3_native(x, kernel) and winograd.tile_size(*x.shape, x.dtype) == 0
+    return _on_cpu(native, xla, x, center, mul, bias, kernel, when=when)
 
 
 # ----------------------------------------------------------------------------------------- compiling

@@ -176,6 +176,8 @@ class Folded:
     bias: jax.Array
     relu: bool = struct.field(pytree_node=False)
     dtype: Any = struct.field(pytree_node=False)
+    #: Whether the map uses stored statistics (evaluation): nothing flows back into them.
+    running: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -225,7 +227,7 @@ class BatchNorm(nn.Module):
         f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
         if fold and use_running_average:
             return Folded(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon) * f32(scale), f32(bias),
-                          self.relu, dtype)
+                          self.relu, dtype, running=True)
         if fold and self.axis_name is None:
             mean, var = batch_moments(x)
             if not self.is_initializing():
@@ -250,8 +252,9 @@ def norm_relu(norm: Any, name: str, fold: bool = False):
     where ``norm`` (a module class or ``functools.partial`` of one) takes a ``relu`` field, else
     ``norm`` followed by ``nn.relu`` (e.g. ``flax.linen.BatchNorm``). Call it inside ``nn.compact``.
 
-    ``fold=True``: for input to 1x1 convolutions only, :class:`BatchNorm` returns a :class:`Folded`
-    (applied as the convolution reads ``x``); other norms give the array as without it."""
+    ``fold=True``: for input to the 1x1 and 3x3 layers of :func:`resattn_jax.ops.conv` only,
+    :class:`BatchNorm` returns a :class:`Folded` (applied as the convolution reads ``x``); other norms
+    give the array as without it."""
     cls = norm.func if isinstance(norm, functools.partial) else norm
     if "relu" in getattr(cls, "__dataclass_fields__", {}):
         layer = norm(name=name, relu=True)

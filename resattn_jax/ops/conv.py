@@ -172,9 +172,16 @@ def _conv3x3_strided_bwd(stride, residuals, dy):
 conv3x3_strided.defvjp(_conv3x3_strided_fwd, _conv3x3_strided_bwd)
 
 
+def _conv3x3_normalized_xla(x, center, mul, bias, kernel, relu: bool):
+    z = (x.astype(jnp.float32) - center) * mul + bias
+    return conv3x3(jnp.maximum(z, 0.0) if relu else z, kernel)
+
+
 class Conv3x3(nn.Module):
     """Bias-free 3x3 convolution, padding 1: ``[N, H, W, C_in] -> [N, ceil(H/s), ceil(W/s), features]``
-    through :func:`conv3x3` (stride 1) or :func:`conv3x3_strided`."""
+    through :func:`conv3x3` (stride 1) or :func:`conv3x3_strided`. A :class:`resattn_jax.ops.Folded`
+    input is normalised first, by the convolution itself where it runs on stored statistics
+    (:func:`resattn_jax.ops.backend.conv3x3_normalized`)."""
 
     features: int
     strides: int = 1
@@ -183,8 +190,14 @@ class Conv3x3(nn.Module):
     kernel_init: Any = conv_init
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array | Folded) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+        if isinstance(x, Folded):
+            if x.running and self.strides == 1 and (self.dtype or jnp.result_type(x.dtype, kernel)) == jnp.float32:
+                # Stored statistics (evaluation): the kernel may normalise its input as it pads it.
+                return backend.conv3x3_normalized(x.x, x.center, x.mul, x.bias, kernel, x.relu,
+                                                  functools.partial(_conv3x3_normalized_xla, relu=x.relu))
+            x = x.materialize()
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return conv3x3(x, kernel) if self.strides == 1 else conv3x3_strided(x, kernel, self.strides)
 

@@ -6,7 +6,7 @@ and spatial axes (``[N*H*W, C_in]^T [N*H*W, C_out]``: 40-220 GFLOP/s in XLA, 106
 which packs both operands on every call), and the 16 or 36 batched small products of a Winograd
 convolution. :func:`matmul_tn` (1x1) and :func:`wgrad3x3` compute the weight gradients with this
 package's register-blocked kernels (``csrc/wgrad.cc``, no packing or transposed copies; OpenBLAS
-for :func:`matmul_tn` where ``C_out`` is not a multiple of 16), :func:`batched_matmul` with
+for :func:`matmul_tn` where ``C_out`` is not a multiple of 8), :func:`batched_matmul` with
 single-threaded OpenBLAS ``sgemm`` calls; all spread their work over XLA's own intra-op threads
 (``csrc/cpu_blas.cc``), so they add no threads. :func:`max_pool_grad`, :func:`upsample` and
 :func:`upsample_grad` (``csrc/resample.cc``) are the soft mask's resampling, where XLA:CPU
@@ -46,13 +46,15 @@ from resattn_jax.ops.varying import sum_like, varying_axes
 
 __all__ = ["TARGETS", "load", "native_library", "verify_native", "matmul_tn", "batched_matmul", "bn_sums",
            "bn_grad_sums", "bn_sums_xla", "bn_grad_sums_xla", "wgrad3x3", "wgrad3x3_xla", "WGRAD_MULTIPLE", "max_pool_grad", "upsample", "upsample_grad",
-           "conv1x1", "conv1x1_grad", "conv1x1_grad_xla", "fused_conv1x1"]
+           "conv1x1", "conv1x1_grad", "conv1x1_grad_xla", "fused_conv1x1",
+           "conv3x3", "conv3x3_xla", "CONV3X3_MULTIPLE"]
 
 _TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul",
             "resattn_bn_sums": "ResattnBnSums", "resattn_bn_grad_sums": "ResattnBnGradSums",
             "resattn_wgrad3x3": "ResattnWgrad3x3", "resattn_max_pool_grad": "ResattnMaxPoolGrad",
             "resattn_upsample": "ResattnUpsample", "resattn_upsample_grad": "ResattnUpsampleGrad",
-            "resattn_conv1x1": "ResattnConv1x1", "resattn_conv1x1_grad": "ResattnConv1x1Grad"}
+            "resattn_conv1x1": "ResattnConv1x1", "resattn_conv1x1_grad": "ResattnConv1x1Grad",
+            "resattn_conv3x3": "ResattnConv3x3"}
 #: The custom-call targets this module registers (tests look for them in lowered programs).
 TARGETS = tuple(_TARGETS)
 
@@ -170,7 +172,7 @@ batched_matmul.defvjp(lambda a, b: (batched_matmul(a, b), (a, b)), _batched_matm
 
 
 #: The weight-gradient kernels (``csrc/wgrad.cc``) need the output channels to be a multiple of this.
-WGRAD_MULTIPLE = 16
+WGRAD_MULTIPLE = 8
 
 
 def wgrad3x3_xla(x: jax.Array, dy: jax.Array, stride: int = 1) -> jax.Array:
@@ -246,7 +248,7 @@ upsample_grad.defvjp(lambda g, sizes: (upsample_grad(g, sizes), None), lambda si
 # to any order: the gradient is the second custom call, whose own derivatives are XLA's.
 def conv1x1(x, center, mul, bias, w, residual, relu: bool) -> jax.Array:
     """``relu?((x - center) * mul + bias) @ w (+ residual)``: ``x [M, K]``, ``center, mul, bias [K]``,
-    ``w [K, N]``, ``residual [M, N]`` or None; ``K`` and ``N`` multiples of 16; float32, CPU only."""
+    ``w [K, N]``, ``residual [M, N]`` or None; ``K`` and ``N`` multiples of 8; float32, CPU only."""
     if residual is None:
         residual = jnp.zeros((0, w.shape[1]), jnp.float32)
     return _call("resattn_conv1x1", (x.shape[0], w.shape[1]), x, center, mul, bias, w, residual, relu=bool(relu))
@@ -297,6 +299,33 @@ def _fused_conv1x1_bwd(relu, res, g):
 
 
 fused_conv1x1.defvjp(_fused_conv1x1_fwd, _fused_conv1x1_bwd)
+
+
+#: The direct 3x3 kernel (``csrc/conv3x3.cc``) needs the output channels to be a multiple of this.
+CONV3X3_MULTIPLE = 8
+
+
+def conv3x3_xla(x, kernel, center=None, mul=None, bias=None, relu: bool = False):
+    """:func:`conv3x3` in XLA."""
+    if center is not None:
+        z = (x - center) * mul + bias
+        x = jnp.maximum(z, 0.0) if relu else z
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def conv3x3(x, kernel, center=None, mul=None, bias=None, relu: bool = False) -> jax.Array:
+    """A stride-1, padding-1 3x3 convolution ``x [N, H, W, K] x kernel [3, 3, K, C] -> [N, H, W, C]`` of
+    ``x`` or, with ``center, mul, bias [K]``, of ``relu?((x - center) * mul + bias)``; ``C`` a multiple
+    of :data:`CONV3X3_MULTIPLE`; float32, CPU only. Derivatives: XLA's (``conv3x3``'s own VJP in
+    :mod:`resattn_jax.ops.conv` calls this for the forward and the input gradient)."""
+    empty = jnp.zeros((0,), jnp.float32)
+    affine = (empty, empty, empty) if center is None else (center, mul, bias)
+    return _call("resattn_conv3x3", (*x.shape[:3], kernel.shape[3]), x, *affine, kernel, relu=bool(relu))
+
+
+conv3x3.defvjp(lambda *args: (conv3x3(*args), args[:5]),
+               lambda relu, primals, g: jax.vjp(lambda *p: conv3x3_xla(*p, relu=relu), *primals)[1](g))
 
 
 # Batch norm's per-channel sums in one pass each (csrc/bn_sums.cc); reverse-mode derivatives are

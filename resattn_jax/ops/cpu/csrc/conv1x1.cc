@@ -13,7 +13,7 @@
 // pass); the backward normalises the chunk again, multiplies dy by w^T, masks it, adds up the sums
 // and the chunk's share of dw, and writes dz, from which the caller's one elementwise pass makes dx.
 // Row chunks are split over XLA's threads (each its own partial sums and dw, added at the end). K
-// and N must be multiples of 16 (the caller uses XLA's formula otherwise). Kernels:
+// and N must be multiples of 8 (the caller uses XLA's formula otherwise). Kernels:
 // wgrad_kernels.inc, compiled for AVX-512, AVX2 + FMA and plain x86-64 and chosen at run time.
 
 #include <algorithm>
@@ -83,10 +83,10 @@ ffi::Error Conv1x1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w,
                    ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y, bool relu) {
   const auto xd = x.dimensions(), wd = w.dimensions(), rd = residual.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || wd[0] != xd[1] || xd[1] % 16 || wd[1] % 16 || !Vector(center, xd[1]) ||
+  if (xd.size() != 2 || wd.size() != 2 || wd[0] != xd[1] || xd[1] % 8 || wd[1] % 8 || !Vector(center, xd[1]) ||
       !Vector(mul, xd[1]) || !Vector(bias, xd[1]) || rd.size() != 2 || rd[1] != wd[1] || (rd[0] != 0 && rd[0] != xd[0]))
     return ffi::Error::InvalidArgument(
-        "resattn_conv1x1: expected x [M, K], center, mul, bias [K], w [K, N], residual [M or 0, N], K and N multiples of 16");
+        "resattn_conv1x1: expected x [M, K], center, mul, bias [K], w [K, N], residual [M or 0, N], K and N multiples of 8");
   const int64_t m = xd[0], k = xd[1], n = wd[1];
   const float *px = x.typed_data(), *pc = center.typed_data(), *pm = mul.typed_data(), *pb = bias.typed_data(),
               *pw = w.typed_data(), *pr = rd[0] ? residual.typed_data() : nullptr;
@@ -111,10 +111,10 @@ ffi::Error Conv1x1Grad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                        ffi::ResultBuffer<ffi::F32> dw, bool relu) {
   const auto xd = x.dimensions(), wd = w.dimensions(), gd = dy.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || gd.size() != 2 || wd[0] != xd[1] || gd[0] != xd[0] || gd[1] != wd[1] ||
-      xd[1] % 16 || wd[1] % 16 || !Vector(center, xd[1]) || !Vector(mul, xd[1]) || !Vector(bias, xd[1]) ||
+      xd[1] % 8 || wd[1] % 8 || !Vector(center, xd[1]) || !Vector(mul, xd[1]) || !Vector(bias, xd[1]) ||
       dz->element_count() != xd[0] * xd[1] || sums->element_count() != 2 * xd[1] || dw->element_count() != wd[0] * wd[1])
     return ffi::Error::InvalidArgument(
-        "resattn_conv1x1_grad: expected x [M, K], center, mul, bias [K], w [K, N], dy [M, N], K and N multiples of 16");
+        "resattn_conv1x1_grad: expected x [M, K], center, mul, bias [K], w [K, N], dy [M, N], K and N multiples of 8");
   const int64_t m = xd[0], k = xd[1], n = wd[1];
   const float *px = x.typed_data(), *pc = center.typed_data(), *pm = mul.typed_data(), *pb = bias.typed_data(),
               *pw = w.typed_data(), *pg = dy.typed_data();

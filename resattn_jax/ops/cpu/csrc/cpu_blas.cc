@@ -23,7 +23,7 @@ using Sgemm = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 Sgemm sgemm = nullptr;
 
-// out[K, N] = a[M, K]^T b[M, N]: wgrad.cc's kernel where N is a multiple of 16, else OpenBLAS split
+// out[K, N] = a[M, K]^T b[M, N]: wgrad.cc's kernel where N is a multiple of 8, else OpenBLAS split
 // over the longer of K and N (no partial sums).
 ffi::Error MatmulTn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                     ffi::ResultBuffer<ffi::F32> out) {

@@ -16,7 +16,7 @@
 // end. Float32 accumulation, as in the GEMM libraries.
 //
 // The kernels are compiled for AVX-512, AVX2 + FMA and plain x86-64 and chosen once at run time.
-// They need N (the output channels) to be a multiple of 16; the caller uses another path otherwise.
+// They need N (the output channels) to be a multiple of 8; the caller uses another path otherwise.
 
 #include "wgrad.h"
 
@@ -85,10 +85,10 @@ ffi::Error Wgrad3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> out, int64_t stride) {
   const auto xd = x.dimensions(), gd = dy.dimensions();
   if (stride < 1 || xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || gd[1] != (xd[1] - 1) / stride + 1 ||
-      gd[2] != (xd[2] - 1) / stride + 1 || gd[3] % 16 != 0 || out->element_count() != 9 * xd[3] * gd[3])
+      gd[2] != (xd[2] - 1) / stride + 1 || gd[3] % 8 != 0 || out->element_count() != 9 * xd[3] * gd[3])
     return ffi::Error::InvalidArgument(
         "resattn_wgrad3x3: expected x [N, H, W, K], dy [N, Ho, Wo, C] (padding 1, the given stride) with C a "
-        "multiple of 16, and a [3, 3, K, C] result");
+        "multiple of 8, and a [3, 3, K, C] result");
   const int64_t images = xd[0], height = xd[1], width = xd[2], k = xd[3];
   const int64_t out_h = gd[1], out_w = gd[2], n = gd[3], s = stride;
   const float *px = x.typed_data(), *pg = dy.typed_data();
@@ -128,7 +128,7 @@ bool MatmulTnRows(ffi::ThreadPool& pool, const float* a, const float* b, int64_t
   // The wider of K and N is the vector axis (fewer loads per multiply-add): out^T = b^T a when K is.
   const bool swap = k > n && k % 16 == 0;
   if (swap) std::swap(a, b), std::swap(k, n);
-  if (n % 16 != 0) return false;
+  if (n % 8 != 0) return false;
   std::vector<float> transposed(swap ? k * n : 0);
   float* c = swap ? transposed.data() : out;
   const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(Threads(pool), m / 256));
