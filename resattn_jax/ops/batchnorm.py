@@ -137,23 +137,25 @@ def _batch_norm_bwd(epsilon, relu, axis_name, dtype, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-@jax.custom_vjp
-def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """float32 ``(mean, var)`` per channel over all but the last axis of ``x`` (the shifted sums of
-    :func:`_statistics`), with the exact derivative ``dx = (dmean + 2 dvar (x - mean)) / M`` (autodiff
-    of the shifted sums would add a reduction for the shift, whose true derivative is zero)."""
-    return _statistics(x, tuple(range(x.ndim - 1)), None)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def batch_moments(x: jax.Array, axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """float32 ``(mean, var)`` per channel over all but the last axis of ``x`` (and the devices of
+    ``axis_name``; the shifted sums of :func:`_statistics`), with the exact derivative
+    ``dx = (dmean + 2 dvar (x - mean)) / M`` (autodiff of the shifted sums would add a reduction for
+    the shift, whose true derivative is zero). Inside ``shard_map`` the cotangents of the
+    (device-invariant) moments arrive summed over the devices, as autodiff sums them."""
+    return _statistics(x, tuple(range(x.ndim - 1)), axis_name)
 
 
-def _batch_moments_fwd(x):
-    mean, var = batch_moments(x)
+def _batch_moments_fwd(x, axis_name):
+    mean, var = batch_moments(x, axis_name)
     return (mean, var), (x, mean)
 
 
-def _batch_moments_bwd(residuals, cotangents):
+def _batch_moments_bwd(axis_name, residuals, cotangents):
     x, mean = residuals
     dmean, dvar = cotangents
-    count = _count(x, tuple(range(x.ndim - 1)), None)
+    count = _count(x, tuple(range(x.ndim - 1)), axis_name)
     return (((dmean + 2.0 * dvar * (x.astype(jnp.float32) - mean)) / count).astype(x.dtype),)
 
 
@@ -215,8 +217,7 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, fold: bool = False):
         """``[..., C] -> [..., C]``; with ``fold=True`` a :class:`Folded` (the same function, not yet
-        applied; the running statistics are updated as usual) for the 1x1 convolution that reads it,
-        except in per-device steps (``axis_name``), which get the array."""
+        applied; the running statistics are updated as usual) for the convolution that reads it."""
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         features = x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
@@ -228,8 +229,8 @@ class BatchNorm(nn.Module):
         if fold and use_running_average:
             return Folded(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon) * f32(scale), f32(bias),
                           self.relu, dtype, running=True)
-        if fold and self.axis_name is None:
-            mean, var = batch_moments(x)
+        if fold:
+            mean, var = batch_moments(x, None if self.is_initializing() else self.axis_name)
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
