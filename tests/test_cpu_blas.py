@@ -150,13 +150,20 @@ def _conv1x1_xla(x, c, mul, b, w, r, relu):
     return y if r is None else y + r
 
 
+def _fused_conv1x1(x, c, mul, b, w, r, relu):
+    """The backend's fused path (the custom calls inside one custom VJP)."""
+    return backend.conv1x1_normalized(x, c, mul, b, w, r, relu, lambda *v: pytest.fail("took XLA's formula"))
+
+
 # Rows: fewer than a chunk, several chunks and pieces, one; 16 to 64 channels either way.
 @pytest.mark.parametrize("m,k,n", [(37, 16, 32), (3000, 64, 16), (1, 32, 48), (700, 48, 64), (500, 8, 32), (90, 32, 8)])
 @pytest.mark.parametrize("relu,residual", [(True, True), (False, False)])
 def test_fused_conv1x1_and_its_gradient_equal_xla(m, k, n, relu, residual):
     x, c, mul, b, w, r = _conv1x1_operands(27, m, k, n)
     r = r if residual else None
-    np.testing.assert_allclose(jax.jit(cpu_blas.fused_conv1x1, static_argnums=6)(x, c, mul, b, w, r, relu),
+    lowered = jax.jit(jax.grad(lambda x: jnp.sum(_fused_conv1x1(x, c, mul, b, w, r, relu)))).lower(x).as_text()
+    assert "resattn_conv1x1" in lowered and "resattn_conv1x1_grad" in lowered
+    np.testing.assert_allclose(jax.jit(_fused_conv1x1, static_argnums=6)(x, c, mul, b, w, r, relu),
                                _conv1x1_xla(x, c, mul, b, w, r, relu), rtol=1e-5, atol=1e-4)
     dy = _normal(33, m, n)
     got = jax.jit(cpu_blas.conv1x1_grad, static_argnums=6)(x, c, mul, b, w, dy, relu)
@@ -164,7 +171,7 @@ def test_fused_conv1x1_and_its_gradient_equal_xla(m, k, n, relu, residual):
     for g, h in zip(got, want):  # (a borderline z flips its ReLU mask in one rounding and not the other: none here)
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-3)
     loss = lambda f: lambda *v: jnp.sum(jnp.sin(f(*v, r, relu)))  # noqa: E731
-    ours = jax.jit(jax.grad(loss(cpu_blas.fused_conv1x1), (0, 1, 2, 3, 4)))(x, c, mul, b, w)
+    ours = jax.jit(jax.grad(loss(_fused_conv1x1), (0, 1, 2, 3, 4)))(x, c, mul, b, w)
     ref = jax.grad(loss(_conv1x1_xla), (0, 1, 2, 3, 4))(x, c, mul, b, w)
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-3), ours, ref)
 
@@ -174,7 +181,7 @@ def test_fused_conv1x1_second_order_gradient():
     def grad_norm(f):
         g = jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, c, mul, b, w, r, True))), (0, 1))
         return lambda x, w: jnp.sum(jnp.square(g(x, w)[0])) + jnp.sum(jnp.square(g(x, w)[1]))
-    ours = jax.jit(jax.grad(grad_norm(cpu_blas.fused_conv1x1), (0, 1)))(x, w)
+    ours = jax.jit(jax.grad(grad_norm(_fused_conv1x1), (0, 1)))(x, w)
     ref = jax.grad(grad_norm(_conv1x1_xla), (0, 1))(x, w)
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-3), ours, ref)
 

@@ -82,7 +82,7 @@ class PreActBottleneck(_Unit):
         # reads its input), and the shortcut is added by conv3 as it writes its output.
         pre = norm_relu(self.norm, "bn1", fold=True)(x)
         y = self._conv(bottleneck, 1, name="conv1")(pre)
-        y = norm_relu(self.norm, "bn2", fold=True)(y)
+        y = norm_relu(self.norm, "bn2", fold="eval")(y)  # the 3x3 layer fuses it on stored statistics
         y = self._conv(bottleneck, 3, self.strides, name="conv2")(y)
         y = norm_relu(self.norm, "bn3", fold=True)(y)
         shortcut = self._conv(self.features, 1, self.strides, name="projection")(pre) if self._needs_projection(x) else x

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from resattn_jax.ops.cpu import custom_calls, host, winograd
+from resattn_jax.ops.varying import sum_like
 
 __all__ = ["STEP_KINDS", "batched_products", "bn_grad_sums", "bn_sums", "compiler_options", "conv3x3_forward",
            "conv1x1_normalized", "conv3x3_normalized", "conv3x3_weight_gradient", "cpu_only_run", "max_pool_grad", "native_available", "portable",
@@ -131,13 +132,42 @@ def bn_grad_sums(dy, x, mean, mul, bias, relu: bool) -> jax.Array:
 def conv1x1_normalized(x, center, mul, bias, kernel, residual, relu: bool, xla: Callable) -> jax.Array:
     """``relu?((x - center) * mul + bias) @ kernel (+ residual)`` over rows ``x [M, K]`` (a batch norm
     and the 1x1 convolution that reads it): on CPU in float32 with ``K`` and ``N`` multiples of 8 one
-    fused pass each way (:func:`.cpu.custom_calls.fused_conv1x1`: the normalised rows never reach
-    memory), else ``xla(x, center, mul, bias, kernel, residual)``."""
+    fused pass each way (:func:`.cpu.custom_calls.conv1x1` and its gradient: the normalised rows never
+    reach memory), else ``xla(x, center, mul, bias, kernel, residual)`` (differentiated by autodiff)."""
     operands = (x, center, mul, bias, kernel) + (() if residual is None else (residual,))
-    when = (all(v.dtype == jnp.float32 for v in operands) and x.shape[1] % custom_calls.WGRAD_MULTIPLE == 0
-            and kernel.shape[1] % custom_calls.WGRAD_MULTIPLE == 0 and native_available())
-    native = functools.partial(custom_calls.fused_conv1x1, relu=relu)
-    return _on_cpu(native, xla, x, center, mul, bias, kernel, residual, when=when)
+    if not (all(v.dtype == jnp.float32 for v in operands) and x.shape[1] % custom_calls.WGRAD_MULTIPLE == 0
+            and kernel.shape[1] % custom_calls.WGRAD_MULTIPLE == 0 and native_available()):
+        return xla(x, center, mul, bias, kernel, residual)
+    return _folded_conv1x1(x, center, mul, bias, kernel, residual, relu)
+
+
+# One custom VJP around the platform choice (not a choice between two differentiated programs, which
+# JAX would linearise branch by branch: half a second of tracing per network stage): forward and
+# backward each pick the custom call on CPU and XLA's formula of the same float32 maths elsewhere.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _folded_conv1x1(x, center, mul, bias, kernel, residual, relu):
+    return jax.lax.platform_dependent(x, center, mul, bias, kernel, residual,
+                                      cpu=functools.partial(custom_calls.conv1x1, relu=relu),
+                                      default=functools.partial(custom_calls.conv1x1_xla, relu=relu))
+
+
+def _folded_conv1x1_fwd(x, center, mul, bias, kernel, residual, relu):
+    return (_folded_conv1x1(x, center, mul, bias, kernel, residual, relu),
+            (x, center, mul, bias, kernel, None if residual is None else ()))
+
+
+def _folded_conv1x1_bwd(relu, res, g):
+    x, center, mul, bias, kernel, had_residual = res
+    dz, sums, dw = jax.lax.platform_dependent(x, center, mul, bias, kernel, g,
+                                              cpu=functools.partial(custom_calls.conv1x1_grad, relu=relu),
+                                              default=functools.partial(custom_calls.conv1x1_grad_xla, relu=relu))
+    # dz: the cotangent of (x - center) * mul + bias; inside shard_map a replicated operand's is
+    # summed over the devices.
+    return (dz * mul, sum_like(-mul * sums[0], center), sum_like(sums[1], mul), sum_like(sums[0], bias),
+            sum_like(dw, kernel), None if had_residual is None else g)
+
+
+_folded_conv1x1.defvjp(_folded_conv1x1_fwd, _folded_conv1x1_bwd)
 
 
 def max_pool_grad(first: jax.Array, grad: jax.Array, geometry: tuple[int, int, int, int],

@@ -215,10 +215,14 @@ class BatchNorm(nn.Module):
     scale_init: Any = nn.initializers.ones
 
     @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None, fold: bool = False):
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, fold: bool | str = False):
         """``[..., C] -> [..., C]``; with ``fold=True`` a :class:`Folded` (the same function, not yet
-        applied; the running statistics are updated as usual) for the convolution that reads it."""
+        applied; the running statistics are updated as usual) for the convolution that reads it;
+        ``fold="eval"``: only on stored statistics, the array in training."""
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if fold not in (False, True, "eval"):
+            raise ValueError(f"fold must be True, False or 'eval', got {fold!r}")
+        fold = fold is True or (fold == "eval" and bool(use_running_average))
         features = x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
@@ -248,17 +252,18 @@ class BatchNorm(nn.Module):
         return y
 
 
-def norm_relu(norm: Any, name: str, fold: bool = False):
+def norm_relu(norm: Any, name: str, fold: bool | str = False):
     """The layer ``x -> relu(norm(x))`` named ``name``: :class:`BatchNorm` with ``relu=True`` (fused)
     where ``norm`` (a module class or ``functools.partial`` of one) takes a ``relu`` field, else
     ``norm`` followed by ``nn.relu`` (e.g. ``flax.linen.BatchNorm``). Call it inside ``nn.compact``.
 
     ``fold=True``: for input to the 1x1 and 3x3 layers of :func:`resattn_jax.ops.conv` only,
-    :class:`BatchNorm` returns a :class:`Folded` (applied as the convolution reads ``x``); other norms
-    give the array as without it."""
+    :class:`BatchNorm` returns a :class:`Folded` (applied as the convolution reads ``x``); ``"eval"``:
+    only on stored statistics (the 3x3 layers fuse it there; in training they would normalise first,
+    which runs slower than the unfolded layer's own backward pass). Other norms give the array."""
     cls = norm.func if isinstance(norm, functools.partial) else norm
     if "relu" in getattr(cls, "__dataclass_fields__", {}):
         layer = norm(name=name, relu=True)
-        return functools.partial(layer, fold=True) if fold else layer
+        return functools.partial(layer, fold=fold) if fold else layer
     layer = norm(name=name)
     return lambda x: nn.relu(layer(x))

@@ -46,7 +46,7 @@ from resattn_jax.ops.varying import sum_like, varying_axes
 
 __all__ = ["TARGETS", "load", "native_library", "verify_native", "matmul_tn", "batched_matmul", "bn_sums",
            "bn_grad_sums", "bn_sums_xla", "bn_grad_sums_xla", "wgrad3x3", "wgrad3x3_xla", "WGRAD_MULTIPLE", "max_pool_grad", "upsample", "upsample_grad",
-           "conv1x1", "conv1x1_grad", "conv1x1_grad_xla", "fused_conv1x1",
+           "conv1x1", "conv1x1_xla", "conv1x1_grad", "conv1x1_grad_xla",
            "conv3x3", "conv3x3_xla", "CONV3X3_MULTIPLE"]
 
 _TARGETS = {"resattn_matmul_tn": "ResattnMatmulTn", "resattn_batched_matmul": "ResattnBatchedMatmul",
@@ -244,14 +244,22 @@ upsample.defvjp(lambda x, sizes: (upsample(x, sizes), None), lambda sizes, _, g:
 upsample_grad.defvjp(lambda g, sizes: (upsample_grad(g, sizes), None), lambda sizes, _, x: (upsample(x, sizes),))
 
 
-# A batch norm (+ ReLU) fused into the 1x1 convolution that reads it (csrc/conv1x1.cc), differentiable
-# to any order: the gradient is the second custom call, whose own derivatives are XLA's.
+# A batch norm (+ ReLU) fused into the 1x1 convolution that reads it (csrc/conv1x1.cc). The caller
+# (resattn_jax.ops.backend.conv1x1_normalized) defines the derivatives with conv1x1_grad, whose own
+# derivatives are XLA's.
 def conv1x1(x, center, mul, bias, w, residual, relu: bool) -> jax.Array:
     """``relu?((x - center) * mul + bias) @ w (+ residual)``: ``x [M, K]``, ``center, mul, bias [K]``,
     ``w [K, N]``, ``residual [M, N]`` or None; ``K`` and ``N`` multiples of 8; float32, CPU only."""
     if residual is None:
         residual = jnp.zeros((0, w.shape[1]), jnp.float32)
     return _call("resattn_conv1x1", (x.shape[0], w.shape[1]), x, center, mul, bias, w, residual, relu=bool(relu))
+
+
+def conv1x1_xla(x, center, mul, bias, w, residual, relu: bool) -> jax.Array:
+    """:func:`conv1x1` in XLA."""
+    a = (x - center) * mul + bias
+    y = (jnp.maximum(a, 0.0) if relu else a) @ w
+    return y if residual is None else y + residual
 
 
 def conv1x1_grad_xla(x, center, mul, bias, w, dy, relu: bool):
@@ -276,29 +284,6 @@ def conv1x1_grad(x, center, mul, bias, w, dy, relu: bool):
 
 conv1x1_grad.defvjp(lambda *args: (conv1x1_grad(*args), args[:6]),
                     lambda relu, primals, g: jax.vjp(lambda *p: conv1x1_grad_xla(*p, relu), *primals)[1](g))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def fused_conv1x1(x, center, mul, bias, w, residual, relu: bool) -> jax.Array:
-    """:func:`conv1x1` with its derivatives: ``dx = dz * mul``, ``dbias = sum dz``, ``dmul = sum dz (x -
-    center)``, ``dcenter = -mul sum dz``, ``dw`` (summed over ``shard_map`` devices for replicated
-    operands) and the residual's cotangent, from one :func:`conv1x1_grad`."""
-    return conv1x1(x, center, mul, bias, w, residual, relu)
-
-
-def _fused_conv1x1_fwd(x, center, mul, bias, w, residual, relu):
-    return fused_conv1x1(x, center, mul, bias, w, residual, relu), (x, center, mul, bias, w,
-                                                                    None if residual is None else ())
-
-
-def _fused_conv1x1_bwd(relu, res, g):
-    x, center, mul, bias, w, had_residual = res
-    dz, sums, dw = conv1x1_grad(x, center, mul, bias, w, g, relu)
-    return (dz * mul, sum_like(-mul * sums[0], center), sum_like(sums[1], mul), sum_like(sums[0], bias),
-            sum_like(dw, w), None if had_residual is None else g)
-
-
-fused_conv1x1.defvjp(_fused_conv1x1_fwd, _fused_conv1x1_bwd)
 
 
 #: The direct 3x3 kernel (``csrc/conv3x3.cc``) needs the output channels to be a multiple of this.
